@@ -1,0 +1,187 @@
+"""The one configuration schema shared by every `configs/*.py` and every CLI.
+
+Configs follow the flax/examples convention: a python file with `get_config()`
+returning an `ml_collections.ConfigDict`, overridden on the command line with
+`--config.section.field=value`.  `default_config()` below is the schema: every
+field that exists, with its type and default.  `validate(cfg)` rejects unknown
+fields, wrong types and bad values *before* anything expensive happens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+# Allowed values for enumerated fields.  Used by validate().
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.format": ("auto", "alpaca", "sharegpt", "messages", "prompt_completion"),
+    "data.truncation": ("truncate", "drop"),
+    "data.train_on": ("all_assistant", "last_assistant", "all"),
+    "data.packer": ("first_fit", "best_fit"),
+    "train.schedule": ("constant", "linear", "cosine"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "save_dots"),
+    "checkpoint.resume": ("auto", "none"),
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # ---------------------------------------------------------------- model
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # a Hugging Face directory (config.json + safetensors); "" = tiny built-in model
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"  # dtype of the (frozen) base weights
+    c.model.scan_layers = False
+    c.model.remat = "none"
+    # Used only when model.path is empty: a small Llama built by the project.
+    c.model.tiny = ml_collections.ConfigDict()
+    c.model.tiny.hidden_size = 128
+    c.model.tiny.intermediate_size = 344
+    c.model.tiny.num_layers = 4
+    c.model.tiny.num_heads = 4
+    c.model.tiny.num_kv_heads = 2
+    c.model.tiny.vocab_size = 512
+    c.model.tiny.max_position_embeddings = 512
+
+    # ----------------------------------------------------------------- data
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # file, comma-separated files, or directory; "" = tiny generated tasks
+    c.data.format = "auto"
+    c.data.weights = ""  # comma-separated mixing weights, one per path in data.path ("" = concatenate)
+    c.data.template = ""  # "" = the tokenizer's own chat_template; else a built-in name (chatml, llama3, ...)
+    c.data.tokenizer = ""  # tokenizer directory; "" = model.path (or the tiny built one)
+    c.data.max_length = 512
+    c.data.packing = True
+    c.data.packer = "first_fit"
+    c.data.truncation = "truncate"
+    c.data.train_on = "all_assistant"
+    c.data.max_skip_fraction = 0.5
+    c.data.eval_fraction = 0.05  # held-out split taken from the training rows (seeded)
+    c.data.eval_path = ""  # explicit held-out file(s); overrides eval_fraction
+    c.data.num_workers = 0  # grain worker processes for tokenization (0 = in process)
+    c.data.shuffle = True
+    c.data.system_prompt = ""  # default system prompt when a row has none ("" = none)
+
+    # ---------------------------------------------------------------- train
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 8  # global sequences per optimizer step
+    c.train.micro_batches = 1  # gradient accumulation micro-batches per step
+    c.train.steps = 0  # 0 = derive from epochs
+    c.train.epochs = 1
+    c.train.lr = 1e-4
+    c.train.end_lr = 0.0  # floor of linear/cosine decay
+    c.train.schedule = "cosine"
+    c.train.warmup_steps = 0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 1.0  # global-norm clip; 0 = off
+    c.train.seed = 0
+    c.train.z_loss = 0.0
+    c.train.loss_chunk_size = 0  # >0: chunked cross-entropy over the sequence (large vocabularies)
+    c.train.log_every_steps = 1
+    c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = from the device-kind table
+
+    # ----------------------------------------------------------------- lora
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = full fine-tuning
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.rslora = False
+    c.lora.targets = "all-linear"  # "all-linear", a comma list (q_proj,v_proj) or a regex over module paths
+
+    # -------------------------------------------------------------- neftune
+    c.neftune = ml_collections.ConfigDict()
+    c.neftune.alpha = 0.0
+
+    # ----------------------------------------------------------------- mesh
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # ----------------------------------------------------------- checkpoint
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 0  # 0 = only at the end
+    c.checkpoint.keep = 2
+    c.checkpoint.resume = "auto"
+    c.checkpoint.async_save = True
+
+    # ----------------------------------------------------------------- eval
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0 = only at the start and the end
+    c.eval.max_batches = 0  # 0 = the whole held-out split
+    c.eval.num_generations = 3  # sample generations printed at each evaluation
+    c.eval.max_new_tokens = 64
+
+    return c
+
+
+def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message says which field and why."""
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check `cfg` against the schema: unknown fields, types and enumerated values."""
+    schema = _flatten(default_config())
+    given = _flatten(cfg)
+    problems: list[str] = []
+    for key in sorted(set(given) - set(schema)):
+        close = [k for k in schema if k.split(".")[-1] == key.split(".")[-1]]
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"unknown config field '{key}'{hint}")
+    for key, default in schema.items():
+        if key not in given:
+            problems.append(f"missing config field '{key}'")
+            continue
+        val = given[key]
+        if isinstance(default, bool):
+            ok = isinstance(val, bool)
+        elif isinstance(default, int):
+            ok = isinstance(val, int) and not isinstance(val, bool)
+        elif isinstance(default, float):
+            ok = isinstance(val, (int, float)) and not isinstance(val, bool)
+        elif isinstance(default, str):
+            ok = isinstance(val, str)
+        else:
+            ok = True
+        if not ok:
+            problems.append(
+                f"config field '{key}' must be {type(default).__name__}, got {type(val).__name__} {val!r}"
+            )
+        elif key in CHOICES and val not in CHOICES[key]:
+            problems.append(f"config field '{key}' = {val!r} is not one of {list(CHOICES[key])}")
+    if not problems:
+        for key in ("train.batch_size", "train.micro_batches", "data.max_length"):
+            if given[key] <= 0:
+                problems.append(f"config field '{key}' must be > 0, got {given[key]}")
+        if given["train.batch_size"] % max(given["train.micro_batches"], 1):
+            problems.append(
+                f"train.batch_size={given['train.batch_size']} is not divisible by "
+                f"train.micro_batches={given['train.micro_batches']}"
+            )
+        if given["lora.rank"] < 0:
+            problems.append("config field 'lora.rank' must be >= 0 (0 = full fine-tuning)")
+        if given["train.steps"] <= 0 and given["train.epochs"] <= 0:
+            problems.append("set train.steps > 0 or train.epochs > 0")
+        if not 0.0 <= given["data.max_skip_fraction"] <= 1.0:
+            problems.append("config field 'data.max_skip_fraction' must be in [0, 1]")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return cfg
