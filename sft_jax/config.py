@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),
     "checkpoint.resume": ("auto", "none"),
+    "model.init": ("pretrained", "tiny"),
 }
 
 
@@ -32,7 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- model
     c.model = ml_collections.ConfigDict()
-    c.model.path = ""  # a Hugging Face directory (config.json + safetensors); "" = tiny built-in model
+    c.model.init = "pretrained"  # "pretrained": load model.path; "tiny": the project's own small model
+    c.model.path = ""  # a Hugging Face directory (config.json + safetensors)
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # dtype of the (frozen) base weights
     c.model.scan_layers = False

@@ -1,0 +1,43 @@
+"""Alpaca-style instruction data, LoRA, cosine schedule with warmup, NEFTune alpha 5.
+
+    python -m sft_jax.train --config=configs/alpaca.py --config.model.path=/path/to/hf_model
+"""
+
+import pathlib
+
+from sft_jax.config import default_config
+
+_SHARED_ALPACA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_en_demo.json"
+
+
+def get_config():
+    c = default_config()
+    c.model.init = "pretrained"
+    c.model.path = ""
+    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+
+    c.data.path = str(_SHARED_ALPACA)
+    c.data.format = "alpaca"
+    c.data.max_length = 1024
+    c.data.packing = True
+    c.data.eval_fraction = 0.02
+
+    c.train.batch_size = 16
+    c.train.epochs = 3
+    c.train.lr = 2e-4
+    c.train.end_lr = 0.0
+    c.train.schedule = "cosine"
+    c.train.warmup_steps = 20
+    c.train.weight_decay = 0.0
+
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.dropout = 0.05
+    c.lora.targets = "all-linear"
+
+    c.neftune.alpha = 5.0
+
+    c.checkpoint.every_steps = 100
+    c.eval.every_steps = 100
+    return c
