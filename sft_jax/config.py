@@ -67,6 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0  # grain worker processes for tokenization (0 = in process)
     c.data.shuffle = True
     c.data.system_prompt = ""  # default system prompt when a row has none ("" = none)
+    # (data, issue 4) add a built-in template's missing marker tokens (<|im_start|>, ...) to the
+    # tokenizer as special tokens; the model vocab must then be resized to len(tokenizer).
+    # False = markers tokenize as plain text pieces (stories260K's 512-piece vocab stays as is).
+    c.data.add_template_tokens = True
 
     # ---------------------------------------------------------------- train
     c.train = ml_collections.ConfigDict()

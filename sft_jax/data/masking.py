@@ -1,0 +1,164 @@
+"""Conversation -> (token ids, loss mask), with the mask taken from the template itself.
+
+Two ways to find the trainable spans, which agree exactly on every built-in template:
+
+1. ``{% generation %}`` markers (built-ins, and any user template that has them): the
+   template renderer reports the character spans; tokens overlapping a span are
+   trainable.  For fast tokenizers this is exactly
+   ``tokenizer.apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)``
+   (same rendering, same offsets rule; a test checks equality).  Slow (sentencepiece /
+   python) tokenizers have no offsets -- ``apply_chat_template`` raises on them in
+   transformers 5.24 -- so their char spans are mapped by comparing token streams.
+2. Prefix diff (templates without markers): for assistant turn i, render the conversation
+   up to turn i with ``add_generation_prompt=True`` (the span starts after it) and up to
+   and including turn i (the span ends there, minus trailing whitespace: the newline
+   after ``<|im_end|>`` / ``<end_of_turn>`` is scaffolding).  Token boundaries come from
+   comparing the token streams of those prefixes with the full one.
+
+Trainable = assistant content + the end-of-turn/EOS token closing it.  ``train_on``:
+``all_assistant`` (default), ``last_assistant``, ``all`` (every token).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from sft_jax.data.formats import DataError
+from sft_jax.data.templates import has_generation_markers
+
+TRAIN_ON = ("all_assistant", "last_assistant", "all")
+
+
+def _template_kwargs(tokenizer) -> dict:
+    kw = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
+    for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        kw.setdefault(k, getattr(tokenizer, k, None) or "")
+    return kw
+
+
+def render(tokenizer, template: str, messages: list[dict], *, add_generation_prompt: bool = False,
+           with_spans: bool = False):
+    """Render one conversation; with ``with_spans`` also the ``{% generation %}`` char spans."""
+    texts, spans = render_jinja_template(
+        conversations=[messages], chat_template=template, return_assistant_tokens_mask=with_spans,
+        add_generation_prompt=add_generation_prompt, **_template_kwargs(tokenizer),
+    )
+    if with_spans:
+        return texts[0], [tuple(s) for s in spans[0]]
+    return texts[0]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _stream_span(tokenizer, text: str, full: list[int], start: int, end: int) -> tuple[int, int]:
+    """Char span -> token span by comparing token streams of ``text[:start]``/``text[:end]``
+    with the full stream.  A token straddling a boundary counts as inside (the same
+    'overlaps the span' rule transformers uses with offsets)."""
+    a = _ids(tokenizer, text[:start])
+    t0 = _lcp(a, full)  # == len(a) when the prefix tokenizes cleanly
+    b = _ids(tokenizer, text[:end])
+    t1 = _lcp(b, full)
+    if t1 < len(b):  # last token of the prefix merged across the boundary: it straddles
+        t1 += 1
+    return t0, max(t0, min(t1, len(full)))
+
+
+def _is_fast(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "is_fast", False))
+
+
+def _spans_to_mask(tokenizer, text: str, spans: list[tuple[int, int]]):
+    if _is_fast(tokenizer):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        offsets = enc["offset_mapping"]
+        tok_spans = []
+        for s0, s1 in spans:
+            idx = [i for i, (a, b) in enumerate(offsets) if b > s0 and a < s1]
+            tok_spans.append((idx[0], idx[-1] + 1) if idx else (0, 0))
+        return ids, tok_spans
+    ids = _ids(tokenizer, text)
+    return ids, [_stream_span(tokenizer, text, ids, s0, s1) for s0, s1 in spans]
+
+
+def generation_spans(tokenizer, template: str, messages: list[dict]):
+    """Method 1: ids and per-assistant-turn token spans from ``{% generation %}`` markers."""
+    text, spans = render(tokenizer, template, messages, with_spans=True)
+    ids, tok_spans = _spans_to_mask(tokenizer, text, spans)
+    return ids, tok_spans
+
+
+def prefix_diff_spans(tokenizer, template: str, messages: list[dict]):
+    """Method 2: ids and per-assistant-turn token spans by rendering turn prefixes."""
+    text = render(tokenizer, template, messages)
+    full = _ids(tokenizer, text)
+    tok_spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, template, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, template, messages[: i + 1]).rstrip()
+        if not (text.startswith(before) and text.startswith(upto) and len(upto) >= len(before)):
+            raise DataError(
+                f"the chat template is not prefix-stable at message {i} (rendering a prefix of the "
+                "conversation changes earlier text); add {% generation %} markers to it or use a built-in"
+            )
+        tok_spans.append(_stream_span(tokenizer, text, full, len(before), len(upto)))
+    return full, tok_spans
+
+
+def encode(tokenizer, template: str, messages: list[dict], train_on: str = "all_assistant",
+           method: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """One conversation -> ``(ids int32 [n], mask int8 [n])`` (mask 1 = trainable token)."""
+    if train_on not in TRAIN_ON:
+        raise DataError(f"data.train_on={train_on!r} is not one of {list(TRAIN_ON)}")
+    if method == "auto":
+        method = "generation" if has_generation_markers(template) else "prefix_diff"
+    if method == "generation":
+        ids, spans = generation_spans(tokenizer, template, messages)
+    elif method == "prefix_diff":
+        ids, spans = prefix_diff_spans(tokenizer, template, messages)
+    else:
+        raise ValueError(f"unknown mask method {method!r}")
+    mask = np.zeros(len(ids), np.int8)
+    if train_on == "all":
+        mask[:] = 1
+    else:
+        if train_on == "last_assistant":
+            spans = spans[-1:]
+        for a, b in spans:
+            mask[a:b] = 1
+    return np.asarray(ids, np.int32), mask
+
+
+def render_marked(tokenizer, ids, mask, *, color: bool = False) -> str:
+    """Decode ``ids`` with trainable runs marked: ANSI green on a tty, ``[[...]]`` otherwise.
+
+    Runs are cut from decodes of growing prefixes, so word-initial spaces that a
+    sentencepiece decoder drops at the start of a string stay where they belong."""
+    ids = [int(i) for i in ids]
+    out, i, n, prev = [], 0, len(ids), ""
+    while i < n:
+        j = i
+        while j < n and mask[j] == mask[i]:
+            j += 1
+        text = tokenizer.decode(ids[:j], skip_special_tokens=False)
+        piece = text[len(prev):] if text.startswith(prev) else tokenizer.decode(ids[i:j], skip_special_tokens=False)
+        prev = text
+        if mask[i]:
+            out.append(f"\x1b[32m{piece}\x1b[0m" if color else f"[[{piece}]]")
+        else:
+            out.append(piece)
+        i = j
+    return "".join(out)

@@ -1,0 +1,509 @@
+"""The grain input pipeline: rows -> tokenized examples -> packed/padded host batches.
+
+    source(s) --(mix by data.weights | concatenate)--> seeded shuffle --> epochs
+      --> shard by process (rows i::process_count) --> tokenize + mask + shift
+      --> [mp_prefetch over data.num_workers processes]
+      --> count + skip (main process) --> pack (first/best fit) or pad (bucketed)
+      --> per-host batch of numpy arrays
+
+Batch contract (BUILD_NOTES.md): ``inputs`` int32 [b, T], ``targets`` int32 [b, T],
+``loss_mask`` float32 [b, T], ``segment_ids`` int32 [b, T] (0 = padding),
+``positions`` int32 [b, T] (restart at 0 per segment).  Each example is shifted BEFORE
+packing (inputs = ids[:-1], targets = ids[1:], loss_mask = mask[1:]), so no token ever
+predicts the first token of the next segment.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import grain
+import numpy as np
+
+from sft_jax.data import formats, masking, templates
+from sft_jax.data.formats import DataError
+
+KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+PAD_MULTIPLE = 64
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+@dataclasses.dataclass
+class DataStats:
+    """Counts over the rows this process has tokenized (since the iterator was built)."""
+
+    rows: int = 0  # conversations read and tokenized
+    examples: int = 0  # kept (have >= 1 trainable token)
+    skipped: dict = dataclasses.field(default_factory=lambda: collections.Counter())  # reason -> count
+    truncated: int = 0  # kept but cut to max_length
+    tokens: int = 0  # input tokens of kept examples (after shift: len(ids) - 1)
+    trainable_tokens: int = 0  # loss_mask ones of kept examples
+    lengths: list = dataclasses.field(default_factory=list)  # per kept example, after shift
+    first_skipped: dict = dataclasses.field(default_factory=dict)  # reason -> (source, rendered text)
+
+    def add(self, ex: dict) -> None:
+        self.rows += 1
+        if ex["skip"]:
+            self.skipped[ex["skip"]] += 1
+            self.first_skipped.setdefault(ex["skip"], (ex["source"], ex.get("text", "")))
+            return
+        self.examples += 1
+        self.truncated += int(ex["truncated"])
+        n = len(ex["inputs"])
+        self.tokens += n
+        self.trainable_tokens += int(ex["loss_mask"].sum())
+        self.lengths.append(n)
+
+    @property
+    def num_skipped(self) -> int:
+        return int(sum(self.skipped.values()))
+
+    def check_skip_fraction(self, max_skip_fraction: float, *, min_rows: int = 1) -> None:
+        if self.rows < min_rows or self.rows == 0:
+            return
+        frac = self.num_skipped / self.rows
+        if frac > max_skip_fraction:
+            reason, count = max(self.skipped.items(), key=lambda kv: kv[1])
+            source, text = self.first_skipped[reason]
+            why = {
+                "no_trainable_tokens": "no token of the example is trainable (no assistant content left "
+                "after the template and truncation, or the template has no assistant turn)",
+                "too_long": "the example is longer than data.max_length and data.truncation='drop'",
+            }.get(reason, reason)
+            raise DataError(
+                f"{self.num_skipped} of {self.rows} examples ({frac:.0%}) were skipped, more than "
+                f"data.max_skip_fraction={max_skip_fraction}; most common reason '{reason}' ({count}): {why}.\n"
+                f"One offending example ({source}):\n{text[:2000]}"
+            )
+
+    def summary(self) -> dict:
+        lengths = np.asarray(self.lengths, np.int64)
+        pct = {}
+        if len(lengths):
+            for p in (50, 90, 99, 100):
+                pct[f"p{p}"] = int(np.percentile(lengths, p))
+        return {
+            "rows": self.rows, "examples": self.examples, "skipped": dict(self.skipped),
+            "truncated": self.truncated, "tokens": self.tokens, "trainable_tokens": self.trainable_tokens,
+            "trainable_fraction": self.trainable_tokens / max(self.tokens, 1), "length_percentiles": pct,
+        }
+
+
+# ------------------------------------------------------------------------ tokenizer
+
+
+def load_tokenizer(path: str):
+    """A tokenizer directory (``AutoTokenizer.from_pretrained``), or a bare sentencepiece
+    ``.model`` file (wrapped in a temporary directory as ``tokenizer.model``)."""
+    from transformers import AutoTokenizer
+
+    p = pathlib.Path(path).expanduser()
+    if p.is_file() and p.suffix == ".model":
+        tmp = tempfile.mkdtemp(prefix="sft_jax_tok_")
+        shutil.copy(p, os.path.join(tmp, "tokenizer.model"))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+        try:
+            return AutoTokenizer.from_pretrained(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not p.exists():
+        raise DataError(f"tokenizer path {path!r} does not exist")
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def tokenizer_from_config(cfg):
+    """``cfg`` (the full ConfigDict) -> ``(tokenizer, added_tokens)``, with ``data.template``
+    installed.  ``added_tokens`` non-empty => resize the model vocab to ``len(tokenizer)``."""
+    path = cfg.data.tokenizer or cfg.model.path
+    if not path:  # the tiny built-in model: the tiny built-in tokenizer (chatml unless data.template says)
+        from sft_jax.data import tiny
+
+        tok = tiny.tiny_tokenizer()
+    else:
+        tok = load_tokenizer(path)
+    return templates.prepare_tokenizer(tok, cfg.data.template, add_tokens=cfg.data.add_template_tokens)
+
+
+# ----------------------------------------------------------------------- tokenizing
+
+
+class TokenizeFn:
+    """record -> example dict (picklable, runs in grain workers)."""
+
+    def __init__(self, tokenizer, template: str, *, max_length: int, truncation: str, train_on: str):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.truncation = truncation
+        self.train_on = train_on
+
+    def __call__(self, rec: dict) -> dict:
+        ids, mask = masking.encode(self.tokenizer, self.template, rec["messages"], self.train_on)
+        return make_example(ids, mask, rec["source"], max_length=self.max_length, truncation=self.truncation,
+                            tokenizer=self.tokenizer)
+
+
+def make_example(ids, mask, source: str, *, max_length: int, truncation: str, tokenizer=None) -> dict:
+    """Shift one tokenized conversation and apply the length policy."""
+    skip, truncated = "", False
+    if len(ids) - 1 > max_length:
+        if truncation == "drop":
+            skip = "too_long"
+        else:
+            ids, mask = ids[: max_length + 1], mask[: max_length + 1]
+            truncated = True
+    inputs = np.asarray(ids[:-1], np.int32)
+    targets = np.asarray(ids[1:], np.int32)
+    loss_mask = np.asarray(mask[1:], np.float32)
+    if not skip and loss_mask.sum() == 0:
+        skip = "no_trainable_tokens"
+    ex = {"inputs": inputs, "targets": targets, "loss_mask": loss_mask, "skip": skip,
+          "truncated": truncated, "source": source}
+    if skip:
+        ex["text"] = tokenizer.decode(list(ids), skip_special_tokens=False) if tokenizer is not None else ""
+        ex["inputs"] = ex["targets"] = np.zeros(0, np.int32)
+        ex["loss_mask"] = np.zeros(0, np.float32)
+    return ex
+
+
+class _CountAndCheck:
+    """Main-process map: counts every example into ``stats`` and enforces max_skip_fraction."""
+
+    def __init__(self, stats: DataStats, max_skip_fraction: float, min_rows: int):
+        self.stats, self.max_skip_fraction, self.min_rows = stats, max_skip_fraction, min_rows
+
+    def __call__(self, ex: dict) -> dict:
+        self.stats.add(ex)
+        self.stats.check_skip_fraction(self.max_skip_fraction, min_rows=self.min_rows)
+        return ex
+
+
+def _template(tokenizer, cfg_data) -> str:
+    return templates.get_template(cfg_data.template) if cfg_data.template else templates.resolve_template(tokenizer)
+
+
+def _strip(ex: dict) -> dict:
+    return {"inputs": ex["inputs"], "targets": ex["targets"], "loss_mask": ex["loss_mask"]}
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def _split_rows(records: list, eval_fraction: float, seed: int, split: str) -> list:
+    if eval_fraction <= 0:
+        return records if split == "train" else []
+    n = len(records)
+    k = int(round(eval_fraction * n))
+    k = min(max(k, 1), n - 1) if n > 1 else 0
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x5F7])).permutation(n)
+    chosen = set(perm[:k].tolist()) if split == "eval" else set(perm[k:].tolist())
+    return [r for i, r in enumerate(records) if i in chosen]
+
+
+def split_records(cfg_data, split: str, seed: int = 0) -> list[list[dict]]:
+    """Per ``data.path`` entry: the rows of ``split`` ("train" | "eval").
+
+    Eval rows: ``data.eval_path`` when set (then train gets every row of ``data.path``),
+    else a seeded ``data.eval_fraction`` of each entry's rows, disjoint from train."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split == "eval" and cfg_data.eval_path:
+        return [formats.load_conversations(cfg_data.eval_path, cfg_data.format, cfg_data.system_prompt)]
+    if not cfg_data.path:  # "" = the built-in tiny generated tasks (sft_jax/data/tiny.py)
+        from sft_jax.data import tiny
+
+        return [_split_rows(tiny.generated_records(), cfg_data.eval_fraction, seed, split)]
+    out = []
+    for entry in [p.strip() for p in cfg_data.path.split(",") if p.strip()]:
+        recs = formats.load_conversations(entry, cfg_data.format, cfg_data.system_prompt)
+        frac = 0.0 if cfg_data.eval_path else cfg_data.eval_fraction
+        out.append(_split_rows(recs, frac, seed, split))
+    return out
+
+
+def _weights(cfg_data, n: int) -> list[float] | None:
+    if not cfg_data.weights:
+        return None
+    w = [float(x) for x in cfg_data.weights.split(",") if x.strip()]
+    if len(w) != n:
+        raise DataError(f"data.weights has {len(w)} values but data.path names {n} sources")
+    if any(x < 0 for x in w) or sum(w) <= 0:
+        raise DataError(f"data.weights must be non-negative and not all zero, got {cfg_data.weights!r}")
+    return w
+
+
+def _default_process(process_index, process_count):
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _row_dataset(groups: list[list[dict]], weights, *, seed: int, shuffle: bool, epochs: int | None):
+    """Mixed/concatenated, shuffled, repeated MapDataset of records (same on every process)."""
+    groups = [g for g in groups]
+    if any(len(g) == 0 for g in groups):
+        raise DataError("a data source has no rows for this split")
+    if weights is None:
+        ds = grain.MapDataset.source([r for g in groups for r in g])
+        if shuffle:
+            ds = ds.shuffle(seed=seed)
+        return ds.repeat(epochs) if epochs != 1 else ds
+    parts = []
+    for k, g in enumerate(groups):
+        p = grain.MapDataset.source(g)
+        if shuffle:
+            p = p.shuffle(seed=seed + 7919 * (k + 1))
+        parts.append(p.repeat(None))
+    ds = grain.MapDataset.mix(parts, weights)
+    if epochs is not None:  # an "epoch" of a mixture = as many rows as all sources hold
+        ds = ds[: epochs * sum(len(g) for g in groups)]
+    return ds
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def _pad_rows(rows: list[dict], batch_size: int, length: int) -> dict[str, np.ndarray]:
+    """Stack unpacked examples into [batch_size, length] (padding rows/tokens get segment 0)."""
+    out = {k: np.zeros((batch_size, length), np.float32 if k == "loss_mask" else np.int32) for k in KEYS}
+    for i, ex in enumerate(rows):
+        n = len(ex["inputs"])
+        out["inputs"][i, :n] = ex["inputs"]
+        out["targets"][i, :n] = ex["targets"]
+        out["loss_mask"][i, :n] = ex["loss_mask"]
+        out["segment_ids"][i, :n] = 1
+        out["positions"][i, :n] = np.arange(n)
+    return out
+
+
+class _PackedBatchFn:
+    def __init__(self, batch_size: int, length: int):
+        self.batch_size, self.length = batch_size, length
+
+    def __call__(self, rows: list[dict]) -> dict[str, np.ndarray]:
+        out = {k: np.zeros((self.batch_size, self.length), np.float32 if k == "loss_mask" else np.int32)
+               for k in KEYS}
+        for i, r in enumerate(rows):
+            out["inputs"][i] = r["inputs"]
+            out["targets"][i] = r["targets"]
+            out["loss_mask"][i] = r["loss_mask"]
+            out["segment_ids"][i] = r["inputs_segment_ids"]
+            out["positions"][i] = r["inputs_positions"]
+        return out
+
+
+class _PaddedBatchFn:
+    def __init__(self, batch_size: int, max_length: int, bucket: bool):
+        self.batch_size, self.max_length, self.bucket = batch_size, max_length, bucket
+
+    def __call__(self, rows: list[dict]) -> dict[str, np.ndarray]:
+        length = self.max_length
+        if self.bucket:
+            longest = max(len(r["inputs"]) for r in rows)
+            length = min(self.max_length, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        return _pad_rows(rows, self.batch_size, length)
+
+
+# grain's packers flush all bins when an example fits none, so efficiency grows with the
+# number of open bins: on LIMA at 2048 (tok512, shuffled) 32 bins -> 0.91, 128 -> 0.94,
+# 512 -> 0.958 (first fit) / 0.964 (best fit).  512 bins x T tokens x 3 arrays stay small.
+NUM_PACKING_BINS = 512
+
+
+def _num_bins(batch_size: int) -> int:
+    return max(NUM_PACKING_BINS, batch_size)
+
+
+def _batched(ds: grain.IterDataset, cfg_data, batch_size: int, *, seed: int, bucket: bool,
+             num_bins: int | None = None) -> grain.IterDataset:
+    T = cfg_data.max_length
+    if cfg_data.packing:
+        cls = (grain.experimental.FirstFitPackIterDataset if cfg_data.packer == "first_fit"
+               else grain.experimental.BestFitPackIterDataset)
+        ds = cls(ds, length_struct={"inputs": T, "targets": T, "loss_mask": T},
+                 num_packing_bins=num_bins or _num_bins(batch_size), seed=seed, shuffle_bins=True)
+        return ds.batch(batch_size, drop_remainder=False, batch_fn=_PackedBatchFn(batch_size, T))
+    return ds.batch(batch_size, drop_remainder=False, batch_fn=_PaddedBatchFn(batch_size, T, bucket))
+
+
+# ---------------------------------------------------------------------------- iterator
+
+
+class DataIterator(grain.DatasetIterator):
+    """A grain DatasetIterator over host batches, with ``stats`` (a :class:`DataStats`).
+
+    ``get_state()``/``set_state()`` give exact resume (and work with
+    ``grain.checkpoint.CheckpointSave/CheckpointRestore`` under Orbax)."""
+
+    def __init__(self, parent: grain.DatasetIterator, stats: DataStats):
+        super().__init__(parent)
+        self.stats = stats
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+def _pipeline(groups, weights, tokenizer, cfg_data, *, batch_size, seed, shuffle, epochs,
+              process_index, process_count, num_workers, bucket, num_packing_bins=None) -> DataIterator:
+    template = _template(tokenizer, cfg_data)
+    rows = _row_dataset(groups, weights, seed=seed, shuffle=shuffle, epochs=epochs)
+    rows = rows[process_index::process_count]
+    n_local = len(rows) if epochs is not None else sum(len(g) for g in groups) // process_count
+    ds = rows.map(TokenizeFn(tokenizer, template, max_length=cfg_data.max_length,
+                             truncation=cfg_data.truncation, train_on=cfg_data.train_on))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if num_workers else 2, prefetch_buffer_size=64))
+    if num_workers > 0:
+        from absl import flags  # grain's worker code reads absl flags; parse them if the caller did not
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=8))
+    stats = DataStats()
+    ds = ds.map(_CountAndCheck(stats, cfg_data.max_skip_fraction, min_rows=max(1, min(100, n_local))))
+    ds = ds.filter(lambda ex: not ex["skip"]).map(_strip)
+    ds = _batched(ds, cfg_data, batch_size, seed=seed, bucket=bucket, num_bins=num_packing_bins)
+    return DataIterator(iter(ds), stats)
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise DataError(f"global batch size {global_batch_size} is not divisible by {process_count} processes")
+    return global_batch_size // process_count
+
+
+def build_train_iterator(cfg_data, tokenizer, *, global_batch_size: int, seed: int = 0,
+                         process_index: int | None = None, process_count: int | None = None,
+                         epochs: int | None = None, num_workers: int | None = None,
+                         num_packing_bins: int | None = None) -> DataIterator:
+    """Host batches of the training split, forever (``epochs=None``) or for ``epochs`` passes.
+
+    ``tokenizer`` must already carry the template (``prepare_tokenizer`` /
+    ``tokenizer_from_config``).  Each process gets ``global_batch_size // process_count``
+    rows per batch from a disjoint shard.  The last batch of a finite run is padded with
+    empty rows (segment_ids 0) to keep the static shape.  Packed: T = data.max_length.
+    Padded (packing=False): T = the batch's longest row rounded up to 64 (single process)
+    or data.max_length (several processes, so every host has the same shape)."""
+    process_index, process_count = _default_process(process_index, process_count)
+    bs = _local_batch_size(global_batch_size, process_count)
+    groups = split_records(cfg_data, "train", seed)
+    return _pipeline(groups, _weights(cfg_data, len(groups)), tokenizer, cfg_data, batch_size=bs, seed=seed,
+                     shuffle=cfg_data.shuffle, epochs=epochs, process_index=process_index,
+                     process_count=process_count,
+                     num_workers=cfg_data.num_workers if num_workers is None else num_workers,
+                     bucket=process_count == 1, num_packing_bins=num_packing_bins)
+
+
+def count_train_batches(cfg_data, tokenizer, *, global_batch_size: int, seed: int = 0,
+                        num_packing_bins: int | None = None) -> int:
+    """Global batches in one epoch of the training split (one in-process pass over the data).
+
+    Computed as if there were one process, so every host gets the same number; use it to
+    turn ``train.epochs`` into ``train.steps`` and run the iterator with ``epochs=None``
+    (several hosts must never run a finite iterator to exhaustion: their shards can pack
+    into different numbers of batches)."""
+    it = build_train_iterator(cfg_data, tokenizer, global_batch_size=global_batch_size, seed=seed,
+                              process_index=0, process_count=1, epochs=1, num_workers=0,
+                              num_packing_bins=num_packing_bins)
+    return sum(1 for _ in it)
+
+
+def build_eval_batches(cfg_data, tokenizer, *, global_batch_size: int, seed: int = 0,
+                       process_index: int | None = None, process_count: int | None = None,
+                       max_batches: int = 0) -> tuple[list[dict[str, np.ndarray]], DataStats]:
+    """The held-out split as a list of host batches (one pass, no shuffle, deterministic),
+    plus its stats.  Same layout as training batches.  Every process returns the same
+    number of batches (short ones are padded with empty rows; count them by loss_mask)."""
+    process_index, process_count = _default_process(process_index, process_count)
+    bs = _local_batch_size(global_batch_size, process_count)
+    groups = [g for g in split_records(cfg_data, "eval", seed) if g]
+    if not groups:
+        return [], DataStats()
+    it = _pipeline(groups, None, tokenizer, cfg_data, batch_size=bs, seed=seed, shuffle=False, epochs=1,
+                   process_index=process_index, process_count=process_count, num_workers=0,
+                   bucket=process_count == 1)
+    batches = []
+    for b in it:
+        batches.append(b)
+        if max_batches and len(batches) >= max_batches:
+            break
+    if process_count > 1:
+        # Shards can pack into different numbers of batches: pad to a count every process
+        # can compute identically (an upper bound: one example per row).
+        n_rows = sum(len(g) for g in groups)
+        per_process = -(-n_rows // process_count)
+        bound = -(-per_process // bs)
+        if max_batches:
+            bound = min(bound, max_batches)
+        T = cfg_data.max_length
+        while len(batches) < bound:
+            batches.append(_pad_rows([], bs, T))
+    return batches, it.stats
+
+
+def examples_for_split(cfg_data, tokenizer, split: str = "train", *, seed: int = 0,
+                       limit: int = 0) -> tuple[list[dict], DataStats]:
+    """Tokenize a split in file order (no shuffle, no sharding): a list of examples
+    ``{inputs, targets, loss_mask, source, truncated}`` (kept ones only) and its stats.
+    Used by the inspector and for packing-efficiency numbers."""
+    template = _template(tokenizer, cfg_data)
+    fn = TokenizeFn(tokenizer, template, max_length=cfg_data.max_length, truncation=cfg_data.truncation,
+                    train_on=cfg_data.train_on)
+    stats = DataStats()
+    out = []
+    for group in split_records(cfg_data, split, seed):
+        for rec in group:
+            ex = fn(rec)
+            stats.add(ex)
+            if not ex["skip"]:
+                out.append(ex)
+            if limit and stats.rows >= limit:
+                break
+    stats.check_skip_fraction(cfg_data.max_skip_fraction)
+    return out, stats
+
+
+def packing_efficiency(examples: list[dict], cfg_data, *, batch_size: int = 8, seed: int = 0,
+                       num_packing_bins: int | None = None) -> float:
+    """Real tokens / token slots when ``examples`` are packed (or padded) as the training
+    pipeline would (seeded shuffle first when ``data.shuffle``).  Slots count the rows
+    that hold data (the padding rows of a short last batch are not counted)."""
+    ds = grain.MapDataset.source([_strip(e) for e in examples])
+    if cfg_data.shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.to_iter_dataset()
+    real = slots = 0
+    for b in _batched(ds, cfg_data, batch_size, seed=seed, bucket=True, num_bins=num_packing_bins):
+        rows_used = int((b["segment_ids"].max(axis=1) > 0).sum())
+        slots += rows_used * b["inputs"].shape[1]
+        real += int((b["segment_ids"] > 0).sum())
+    return real / max(slots, 1)
+
+
+def global_batch(host_batch: dict[str, np.ndarray], mesh, spec) -> dict:
+    """Host batch -> dict of global ``jax.Array`` sharded by ``NamedSharding(mesh, spec)``
+    (e.g. ``P(("data", "fsdp"))``); every process passes its own host batch."""
+    import jax
+
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
