@@ -105,3 +105,31 @@ def test_model_config_loads_in_transformers():
     assert hf.head_dim == 32 and hf.num_key_value_heads == 2
     with pytest.raises(ValueError):
         tiny.tiny_model_config({**dict(default_config().model.tiny), "num_heads": 3})
+
+
+def test_tokenizer_uses_data_chatml_template(tok_dir):
+    from transformers import AutoTokenizer
+
+    from sft_jax.data.templates import get_template
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    assert tok.chat_template == get_template("chatml")
+    msgs = [{"role": "user", "content": "Reverse: a b"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+        tiny.render_chatml(msgs) + "<|im_start|>assistant\n"
+    )
+    # The inline fallback (used only without sft_jax.data) renders the same text.
+    tok.chat_template = tiny.CHATML_TEMPLATE
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
+        tiny.render_chatml(msgs) + "<|im_start|>assistant\n"
+    )
+
+
+def test_every_table_fact_is_in_training():
+    train, ev = tiny.make_tiny_dataset(seed=0, n_train=2000, n_eval=200)
+    answers = {m["content"] for r in train for m in r["messages"] if m["role"] == "assistant"}
+    for country, capital in tiny.CAPITALS.items():
+        assert capital in answers, country
+    for r in ev:
+        if r["task"] in ("capital", "next_letter", "upper"):
+            assert r["messages"][-1]["content"] in answers

@@ -1,0 +1,339 @@
+"""Checkpoints: Orbax CheckpointManager over (train state, grain iterator state, JSON meta).
+
+One step directory `WORKDIR/checkpoints/<step>/` holds three items:
+
+* `state`: any pytree of arrays (the trainer passes trainable params, optimizer state,
+  step and RNG key).  Typed PRNG keys are stored as their raw uint32 key data and
+  re-wrapped on restore when the abstract tree asks for a key dtype.
+* `data`: the grain iterator's state (`grain.checkpoint.CheckpointHandler`); restoring
+  it makes the iterator continue exactly where the saved one stood.
+* `meta`: a JSON dict (config, step, library versions ...), written by process 0 only
+  (Orbax's JsonCheckpointHandler writes on the primary host).
+
+Orbax writes each step into a temporary directory and renames it when every item is
+committed, so a crash mid-save leaves an unfinalised tmp dir that `all_steps()` ignores;
+the keep policy deletes old steps only after the new one is finalised.  On top of that,
+`restore()` tries the newest step first and falls back to older ones (with a warning)
+when a step is corrupt or partial.
+
+`PreemptionFlag` turns SIGTERM into a flag the training loop polls at step boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import warnings
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _grain():
+    import grain
+
+    return grain
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+    """Typed PRNG keys -> raw uint32 key data (Orbax stores plain arrays)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_keys_to_data(tree: Any) -> Any:
+    """In an abstract tree, replace key-typed leaves with the uint32 layout they are saved as."""
+
+    def conv(x):
+        if not _is_key(x):
+            return x
+        impl = jax.random.key_impl(x) if isinstance(x, jax.Array) else _key_impl_of(x)
+        shape = tuple(x.shape) + tuple(_key_data_shape(impl))
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and isinstance(sharding, jax.sharding.NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+        elif sharding is not None and not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            sharding = None
+        return jax.ShapeDtypeStruct(shape, jnp.uint32, sharding=sharding)
+
+    return jax.tree.map(conv, tree)
+
+
+def _key_impl_of(x: Any):
+    # ShapeDtypeStruct of a key dtype: the impl lives on the dtype.
+    return x.dtype._impl  # noqa: SLF001 - public API has no accessor for abstract keys
+
+
+def _key_data_shape(impl) -> tuple[int, ...]:
+    return tuple(jax.random.key_data(jax.random.key(0, impl=impl)).shape)
+
+
+def _data_to_keys(restored: Any, abstract: Any) -> Any:
+    def conv(r, a):
+        if not _is_key(a):
+            return r
+        impl = jax.random.key_impl(a) if isinstance(a, jax.Array) else _key_impl_of(a)
+        return jax.random.wrap_key_data(r, impl=impl)
+
+    return jax.tree.map(conv, restored, abstract)
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with each leaf's sharding) of a concrete tree: restore targets."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
+
+
+def _json_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """ConfigDicts -> dicts, numpy/jax scalars -> numbers, anything else odd -> str."""
+
+    def default(o):
+        if hasattr(o, "to_dict"):
+            return o.to_dict()
+        if hasattr(o, "shape") and getattr(o, "shape", None) == ():
+            return np.asarray(o).item()
+        if hasattr(o, "tolist"):
+            return np.asarray(o).tolist()
+        return str(o)
+
+    import json
+
+    return json.loads(json.dumps(dict(meta), default=default))
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """No (readable) checkpoint in the work directory."""
+
+
+class Checkpointer:
+    """Save/restore `(state, data iterator, meta)` under `workdir/checkpoints`.
+
+    `every_steps` > 0: `save(step, ...)` saves when `step % every_steps == 0`; 0 means only
+    forced saves (the trainer forces the final one and a preemption one).  `keep` finalised
+    checkpoints are kept (older ones are deleted by Orbax after a newer one is finalised).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, keep: int = 2, every_steps: int = 0, async_save: bool = True):
+        ocp, grain = _ocp(), _grain()
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+        self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+        self.every_steps = int(every_steps)
+        self._bad_steps: set[int] = set()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=1,  # the interval policy is ours (see save)
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self._mgr = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+            options=options,
+        )
+
+    # ------------------------------------------------------------------ queries
+    def all_steps(self) -> list[int]:
+        self._mgr.reload()
+        return sorted(self._mgr.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    # --------------------------------------------------------------------- save
+    def save(
+        self,
+        step: int,
+        state_tree: Any,
+        data_iterator: Any = None,
+        meta: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Start saving `step`; returns whether a save was started (async: not yet finished).
+
+        `state_tree` arrays are read before this returns (Orbax copies device buffers to host
+        first), so the caller may donate/overwrite them right after.  The grain iterator's
+        state is captured now, too.  Call `wait()` before reading the files.
+        """
+        ocp, grain = _ocp(), _grain()
+        step = int(step)
+        if not force and not self.should_save(step):
+            return False
+        existing = set(self._mgr.all_steps())
+        if step in existing:
+            if step in self._bad_steps:
+                warnings.warn(f"replacing corrupt checkpoint of step {step}", RuntimeWarning, stacklevel=2)
+                self._mgr.delete(step)
+                self._bad_steps.discard(step)
+            else:
+                log.info("checkpoint of step %d already exists; not saving again", step)
+                return False
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(_keys_to_data(state_tree))}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        items["meta"] = ocp.args.JsonSave(_json_meta({"step": step, **dict(meta or {})}))
+        return bool(self._mgr.save(step, args=ocp.args.Composite(**items), force=True))
+
+    # ------------------------------------------------------------------ restore
+    def restore(
+        self, step: int | None = None, abstract_state: Any = None, data_iterator: Any = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """Restore `(state, meta)`; `data_iterator` (if given) is set to the saved position.
+
+        `abstract_state`: a tree of `jax.ShapeDtypeStruct` (with `sharding`) giving the
+        target structure, dtypes and shardings; None restores as saved (host numpy-like).
+        `step=None`: the newest readable step; a corrupt or partial newest step is skipped
+        with a warning and the next older one is tried.  An explicit `step` raises if bad.
+        Raises `CheckpointNotFound` when there is nothing to restore.
+        """
+        steps = self.all_steps()
+        if step is not None:
+            if int(step) not in steps:
+                raise CheckpointNotFound(f"no checkpoint of step {step} in {self.directory} (have {steps})")
+            return self._restore_one(int(step), abstract_state, data_iterator)
+        if not steps:
+            raise CheckpointNotFound(f"no checkpoint in {self.directory}")
+        errors = []
+        for s in reversed(steps):
+            try:
+                out = self._restore_one(s, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
+                self._bad_steps.add(s)
+                errors.append(f"step {s}: {type(e).__name__}: {e}")
+                warnings.warn(
+                    f"checkpoint of step {s} in {self.directory} is unreadable "
+                    f"({type(e).__name__}: {str(e)[:300]}); trying an older one",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            return out
+        raise CheckpointNotFound(f"no readable checkpoint in {self.directory}:\n  " + "\n  ".join(errors))
+
+    def _restore_one(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict[str, Any]]:
+        ocp, grain = _ocp(), _grain()
+        target = None if abstract_state is None else _abstract_keys_to_data(abstract_state)
+        # Meta and state first: the iterator is only touched once those are known good.
+        meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        state = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        if abstract_state is not None:
+            state = _data_to_keys(state, abstract_state)
+        if data_iterator is not None:
+            self._mgr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        return state, dict(meta or {})
+
+    def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+        """Only the JSON meta of `step` (default: latest)."""
+        ocp = _ocp()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointNotFound(f"no checkpoint in {self.directory}")
+        return dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    # ---------------------------------------------------------------- lifecycle
+    def wait(self) -> None:
+        """Block until the in-flight async save (if any) is finalised; re-raise its error."""
+        self._mgr.wait_until_finished()
+        self._mgr.check_for_errors()
+
+    def close(self) -> None:
+        self._mgr.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------ preemption
+
+
+class PreemptionFlag:
+    """SIGTERM (and optionally SIGINT) → a flag polled by the training loop at step boundaries.
+
+        flag = PreemptionFlag().install()
+        for step in ...:
+            ...
+            if flag.should_stop():        # collective when process_count() > 1
+                ckpt.save(step, state, it, meta, force=True); ckpt.wait(); break
+        flag.uninstall()
+
+    The handler only sets a flag (no I/O, no JAX calls).  With several processes every
+    process must call `should_stop()` at the same steps: it all-gathers the local flags
+    so all processes stop at the same step even if only one received the signal.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+        self.received: int | None = None
+
+    def install(self) -> "PreemptionFlag":
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionFlag.install() must run in the main thread")
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = signum
+        self._event.set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        """This process's flag (no communication)."""
+        return self._event.is_set()
+
+    __bool__ = is_set
+
+    def should_stop(self) -> bool:
+        """True on every process when any process got the signal (collective if multi-process)."""
+        local = self._event.is_set()
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray([local], dtype=np.int32))
+        return bool(np.asarray(flags).any())
+
+    def __enter__(self) -> "PreemptionFlag":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
