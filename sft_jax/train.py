@@ -1,0 +1,505 @@
+"""The trainer: `python -m sft_jax.train --config=configs/NAME.py [--config.a.b=v ...] [--workdir=DIR]`.
+
+config -> (jax.distributed) -> mesh -> tokenizer and model -> data -> state -> jitted step -> loop
+with evaluation, metrics, Orbax checkpoints (exact resume), SIGTERM saves and NaN stops.
+
+The workdir layout is documented in README.md ("Workdir layout") and `sft_jax/workdir.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("sft_jax.train")
+
+
+class TrainError(RuntimeError):
+    """A run that cannot go on (NaN loss, ...); the message says why and what was kept."""
+
+
+# ------------------------------------------------------------------ set-up helpers
+def _setup_compilation_cache() -> None:
+    import jax
+
+    cache = os.environ.get("SFT_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/sft_jax/xla"))
+    if cache and cache.lower() != "off":
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _model_policy(cfg) -> dict:
+    return dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
+                remat=cfg.model.remat)
+
+
+def _prepare_tiny(cfg, workdir: pathlib.Path, is_main: bool):
+    """Make the tiny run's data, tokenizer and model config (deterministic; written once)."""
+    from sft_jax import distributed, tiny
+
+    data_dir = workdir / "tiny_data"
+    tok_dir = workdir / "tiny_tokenizer"
+    train_rows, eval_rows = tiny.make_tiny_dataset(seed=0, n_train=4000, n_eval=200)
+    if is_main and not (tok_dir / "tokenizer_config.json").exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for name, rows in (("train", train_rows), ("eval", eval_rows)):
+            tmp = data_dir / f"{name}.jsonl.tmp"
+            with open(tmp, "w") as f:
+                for r in rows:
+                    f.write(json.dumps({"messages": r["messages"]}) + "\n")
+            os.replace(tmp, data_dir / f"{name}.jsonl")
+        tiny.build_tiny_tokenizer(str(tok_dir), train_rows, vocab_size=int(cfg.model.tiny.vocab_size))
+    distributed.barrier("tiny_assets")
+    with cfg.unlocked():
+        cfg.data.path = str(data_dir / "train.jsonl")
+        cfg.data.eval_path = str(data_dir / "eval.jsonl")
+        cfg.data.tokenizer = str(tok_dir)
+    return tiny.tiny_model_config(cfg.model.tiny), eval_rows
+
+
+def _resize_vocab(params: dict, config, new_vocab: int):
+    """Grow the embedding (and untied lm_head) to `new_vocab` rows; new rows = the mean row
+    (as transformers' resize_token_embeddings does), so added tokens start as an average token."""
+    import jax.numpy as jnp
+
+    def grow(w, axis):
+        old = w.shape[axis]
+        mean = jnp.mean(w.astype(jnp.float32), axis=axis, keepdims=True).astype(w.dtype)
+        reps = [1] * w.ndim
+        reps[axis] = new_vocab - old
+        return jnp.concatenate([w, jnp.tile(mean, reps)], axis=axis)
+
+    params = dict(params)
+    params["embed"] = {"embedding": grow(params["embed"]["embedding"], 0)}
+    if "lm_head" in params:
+        params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"], 1)}
+    return params, config.replace(vocab_size=new_vocab)
+
+
+def _count(tree) -> int:
+    import jax
+
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _to_host(tree):
+    import jax
+
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+# ------------------------------------------------------------------ evaluation
+def _evaluate(steps, trainable, frozen, eval_batches, mesh) -> dict:
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from sft_jax.data.pipeline import global_batch
+    from sft_jax.sharding import BATCH_AXES
+
+    tot = {"loss_sum": 0.0, "ce_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    for hb in eval_batches:
+        sums = jax.device_get(steps.eval_step(trainable, frozen, global_batch(hb, mesh, P(BATCH_AXES))))
+        for k in tot:
+            tot[k] += float(sums[k])
+    n = max(tot["tokens"], 1.0)
+    return {"loss": tot["ce_sum"] / n, "accuracy": tot["correct"] / n, "tokens": tot["tokens"]}
+
+
+@dataclasses.dataclass
+class _GenSetup:
+    tokenizer: Any
+    template: str
+    stop_ids: list
+    prompts: list  # list of message lists (ending before the assistant answer)
+    answers: list  # reference answers (strings)
+    tasks: list  # tiny task names (None for real data)
+
+
+def _prompt_ids(tokenizer, template: str, messages) -> list[int]:
+    from sft_jax.data import masking
+
+    text = masking.render(tokenizer, template, messages, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _generations(gen: _GenSetup, trainable, frozen, model_config, lora_cfg, max_new_tokens: int, limit: int):
+    from sft_jax import sampling
+
+    n = len(gen.prompts) if limit <= 0 else min(limit, len(gen.prompts))
+    prompts = [_prompt_ids(gen.tokenizer, gen.template, m) for m in gen.prompts[:n]]
+    params, lora = (frozen, trainable) if lora_cfg.enabled else (trainable, None)
+    outs = sampling.generate(params, model_config, prompts, max_new_tokens=max_new_tokens, eos_ids=gen.stop_ids,
+                             lora=lora, lora_scale=lora_cfg.scale if lora_cfg.enabled else 1.0)
+    return [gen.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+
+
+def _generation_report(gen: _GenSetup, texts: list[str], show: int) -> tuple[dict, list[str]]:
+    from sft_jax import tiny
+
+    lines, metrics = [], {}
+    if gen.tasks and gen.tasks[0] is not None:
+        per_task: dict[str, list[int]] = {}
+        for msgs, task, text in zip(gen.prompts, gen.tasks, texts):
+            per_task.setdefault(task, []).append(int(tiny.score_answer(task, msgs, text)))
+        total = [x for v in per_task.values() for x in v]
+        metrics["exact_match"] = float(np.mean(total)) if total else 0.0
+        lines.append(
+            f"held-out exact match {metrics['exact_match']:.1%} over {len(total)} prompts: "
+            + ", ".join(f"{t} {np.mean(v):.0%}" for t, v in sorted(per_task.items()))
+        )
+    for msgs, text, ref in list(zip(gen.prompts, texts, gen.answers))[:show]:
+        user = msgs[-1]["content"].replace("\n", " ")
+        lines.append(f"  user: {user[:120]}\n  model: {text.strip()[:200]!r}\n  reference: {ref[:120]!r}")
+    return metrics, lines
+
+
+# ------------------------------------------------------------------ the run
+def run(cfg, workdir: str | os.PathLike) -> dict:
+    """Train according to `cfg` in `workdir`; returns a summary dict (final metrics)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from sft_jax import checkpoint as ckpt_lib
+    from sft_jax import distributed
+    from sft_jax import lora as lora_lib
+    from sft_jax import metrics as metrics_lib
+    from sft_jax import optim, sharding, workdir as workdir_lib
+    from sft_jax.config import ConfigError, validate
+    from sft_jax.data import pipeline, templates
+    from sft_jax.models import hf_io, llama
+    from sft_jax.models.config import ModelConfig
+    from sft_jax.train_step import StepOptions, make_train_step
+
+    validate(cfg)
+    if cfg.model.init == "pretrained" and not cfg.model.path:
+        raise ConfigError(
+            "model.path is empty: this config fine-tunes a pretrained model. Pass "
+            "--config.model.path=/path/to/hf_model (a Hugging Face directory with config.json and "
+            "*.safetensors; convert a llama2.c checkpoint with `python -m sft_jax.convert llama2c ...`)"
+        )
+    if cfg.model.init == "pretrained" and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        raise ConfigError(f"model.path={cfg.model.path!r} has no config.json (a Hugging Face model directory)")
+    workdir = pathlib.Path(workdir).resolve()
+    is_main = distributed.is_main()
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier("workdir")
+    _setup_compilation_cache()
+
+    # ---- mesh
+    mesh = sharding.make_mesh(cfg.mesh)
+    batch_spec = P(sharding.BATCH_AXES)
+
+    # ---- tokenizer, model config
+    tiny_eval_rows = None
+    if cfg.model.init == "tiny":
+        hf_cfg, tiny_eval_rows = _prepare_tiny(cfg, workdir, is_main)
+        model_config = ModelConfig.from_hf(hf_cfg, **_model_policy(cfg))
+    else:
+        model_config = hf_io.read_config(cfg.model.path, **_model_policy(cfg))
+    tokenizer, added = pipeline.tokenizer_from_config(cfg)
+    template_name = cfg.data.template
+    if len(tokenizer) > model_config.vocab_size and not added:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}"
+        )
+
+    # ---- parameters (frozen base), straight onto their shardings
+    base_dir = workdir / "base_model"
+    axes = llama.param_logical_axes(model_config)
+    param_sh = sharding.logical_shardings(axes, mesh, llama.abstract_params(model_config))
+    if cfg.model.init == "tiny":
+        if (base_dir / "config.json").exists():
+            model_config, params = hf_io.load_hf(str(base_dir), shardings=param_sh, **_model_policy(cfg))
+        else:
+            params = jax.jit(lambda r: llama.init_params(model_config, r), out_shardings=param_sh)(
+                jax.random.PRNGKey(cfg.train.seed + 1)
+            )
+            if is_main:
+                hf_io.save_hf(str(base_dir), model_config, _to_host(params))
+                tokenizer.save_pretrained(str(base_dir))
+            distributed.barrier("base_model")
+        base_model = str(base_dir)
+    else:
+        model_config, params = hf_io.load_hf(cfg.model.path, shardings=param_sh, **_model_policy(cfg))
+        base_model = os.path.abspath(cfg.model.path)
+    if added:
+        params, model_config = _resize_vocab(params, model_config, len(tokenizer))
+        if is_main:
+            log.warning("added %d template tokens %s: vocab resized to %d; the resized base is saved in %s",
+                        len(added), added, len(tokenizer), base_dir)
+            hf_io.save_hf(str(base_dir), model_config, _to_host(params))
+            tokenizer.save_pretrained(str(base_dir))
+        distributed.barrier("resized_base")
+        base_model = str(base_dir)
+        axes = llama.param_logical_axes(model_config)
+        param_sh = sharding.logical_shardings(axes, mesh, llama.abstract_params(model_config))
+        params = jax.device_put(params, param_sh)
+    stop_ids = templates.stop_token_ids(tokenizer, template_name)
+    if is_main:
+        tokenizer.save_pretrained(str(workdir / "tokenizer"))
+
+    # ---- LoRA or full fine-tuning
+    lora_cfg = lora_lib.LoraConfig.from_cfg(cfg.lora)
+    rng_init = jax.random.PRNGKey(cfg.train.seed)
+    if lora_cfg.enabled:
+        frozen = params
+        trainable = lora_lib.init_lora(params, lora_cfg, rng_init)
+        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+    else:
+        frozen = {}
+        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # trainable weights are kept in f32
+    del params
+
+    # ---- data
+    global_bs = int(cfg.train.batch_size)
+    seed = int(cfg.train.seed)
+    if cfg.train.steps > 0:
+        total_steps = int(cfg.train.steps)
+        per_epoch = None
+    else:
+        per_epoch = pipeline.count_train_batches(cfg.data, tokenizer, global_batch_size=global_bs, seed=seed)
+        total_steps = int(cfg.train.epochs) * per_epoch
+    train_iter = pipeline.build_train_iterator(cfg.data, tokenizer, global_batch_size=global_bs, seed=seed,
+                                               epochs=None)
+    has_eval = bool(cfg.data.eval_path) or cfg.data.eval_fraction > 0
+    eval_batches = []
+    if has_eval:
+        eval_batches, _ = pipeline.build_eval_batches(cfg.data, tokenizer, global_batch_size=global_bs, seed=seed,
+                                                      max_batches=int(cfg.eval.max_batches))
+
+    # ---- generation prompts for evaluation
+    gen = None
+    if cfg.eval.num_generations > 0 and jax.process_count() == 1:
+        if tiny_eval_rows is not None:
+            rows = tiny_eval_rows
+            gen = _GenSetup(tokenizer, tokenizer.chat_template, stop_ids, [r["messages"][:-1] for r in rows],
+                            [r["messages"][-1]["content"] for r in rows], [r["task"] for r in rows])
+        else:
+            try:
+                convs = pipeline.split_records(cfg.data, "eval", seed)
+                convs = [c for group in convs for c in group][: int(cfg.eval.num_generations)]
+                msgs = [c["messages"] if isinstance(c, dict) and "messages" in c else c for c in convs]
+                msgs = [m for m in msgs if isinstance(m, list) and m and m[-1].get("role") == "assistant"]
+                gen = _GenSetup(tokenizer, tokenizer.chat_template, stop_ids, [m[:-1] for m in msgs],
+                                [m[-1]["content"] for m in msgs], [None] * len(msgs))
+            except Exception as e:  # generation samples are a convenience; never stop training for them
+                log.warning("no sample generations: %s", e)
+
+    # ---- optimizer, step
+    optimizer, schedule = optim.make_optimizer(cfg.train, total_steps)
+    opts = StepOptions.from_cfg(cfg)
+    steps = make_train_step(model_config, mesh, trainable=trainable, frozen=frozen, optimizer=optimizer,
+                            schedule=schedule, lora_cfg=lora_cfg, opts=opts, batch_size=global_bs,
+                            param_logical_axes=axes)
+    trainable = jax.device_put(trainable, steps.shardings.trainable)
+    frozen = jax.device_put(frozen, steps.shardings.frozen) if frozen else frozen
+    opt_state = sharding.init_opt_state(optimizer, trainable, steps.shardings.opt_state)
+    state = {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(rng_init)}
+
+    # ---- run files, checkpoints, resume
+    if is_main:
+        workdir_lib.write_run_json(
+            workdir, base_model=base_model, template=template_name,
+            lora_cfg=dataclasses.asdict(lora_cfg), model_policy=_model_policy(cfg), eos_ids=stop_ids,
+            config=cfg.to_dict(),
+        )
+    ck = ckpt_lib.Checkpointer(workdir, keep=int(cfg.checkpoint.keep), every_steps=int(cfg.checkpoint.every_steps),
+                               async_save=bool(cfg.checkpoint.async_save))
+    start_step = 0
+    if cfg.checkpoint.resume == "auto":
+        latest = ck.latest_step()
+        latest = distributed.broadcast_from_main(-1 if latest is None else latest)
+        if latest >= 0:
+            state, _ = ck.restore(abstract_state=ckpt_lib.abstract_like(state), data_iterator=train_iter)
+            start_step = int(state["step"])
+    trainable, opt_state = state["trainable"], state["opt_state"]
+    rng_base = jax.random.wrap_key_data(state["rng"]) if state["rng"].dtype == jnp.uint32 else state["rng"]
+
+    # ---- metrics
+    n_total = _count(frozen) if lora_cfg.enabled else _count(trainable)
+    n_lookup = model_config.vocab_size * model_config.hidden_size if not model_config.tie_embeddings else 0
+    flops_tok = metrics_lib.model_flops_per_token(
+        n_total, model_config.num_layers, int(cfg.data.max_length), model_config.hidden_size,
+        lora=lora_cfg.enabled, n_lookup_params=n_lookup,
+        n_lora_params=_count(trainable) if lora_cfg.enabled else 0,
+    )
+    peak = metrics_lib.peak_flops_per_device(float(cfg.train.peak_flops), dtype=cfg.model.dtype)
+    mw = metrics_lib.MetricsWriter(workdir, is_main, total_steps=total_steps,
+                                   resume_step=start_step if start_step > 0 else None)
+    mw.write_run_info(cfg, extra={
+        "model_params": n_total, "trainable_params": _count(trainable), "total_steps": total_steps,
+        "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape), "flops_per_token": flops_tok,
+        "peak_flops_per_device": peak, "base_model": base_model,
+    })
+    mw.print(
+        f"sft_jax: {model_config.model_type} {n_total / 1e6:.2f}M params, "
+        f"{'LoRA r=%d' % lora_cfg.rank if lora_cfg.enabled else 'full fine-tuning'} "
+        f"({_count(trainable) / 1e6:.3f}M trainable), mesh {dict(mesh.shape)}, {total_steps} steps"
+        + (f" ({per_epoch}/epoch)" if per_epoch else "") + (f", resuming at step {start_step}" if start_step else "")
+    )
+
+    def do_eval(step: int, label: str) -> dict:
+        out = {}
+        if eval_batches:
+            out.update(_evaluate(steps, trainable, frozen, eval_batches, mesh))
+        if gen is not None and gen.prompts:
+            limit = 0 if gen.tasks[0] is not None else int(cfg.eval.num_generations)
+            texts = _generations(gen, trainable, frozen, model_config, lora_cfg, int(cfg.eval.max_new_tokens), limit)
+            gm, lines = _generation_report(gen, texts, int(cfg.eval.num_generations))
+            out.update(gm)
+            out["_lines"] = lines
+        lines = out.pop("_lines", [])
+        if out:
+            mw.write_eval(step, {k: v for k, v in out.items() if k != "tokens"})
+            desc = ", ".join(f"{k} {v:.4f}" for k, v in out.items() if k in ("loss", "accuracy", "exact_match"))
+            mw.print(f"eval ({label}, step {step}): {desc}")
+        for ln in lines:
+            mw.print(ln)
+        return out
+
+    first_eval = do_eval(start_step, "before training") if start_step == 0 else {}
+
+    # ---- the loop
+    flag = ckpt_lib.PreemptionFlag().install()
+    counter = metrics_lib.CompileCounter("train_step")
+    real_tokens_fn = jax.jit(lambda s: jnp.sum(s > 0))
+    step = start_step
+    last = {}
+    stopped_by = None
+    t_start = time.time()
+    try:
+        while step < total_steps:
+            host = next(train_iter)
+            batch = pipeline.global_batch(host, mesh, batch_spec)
+            rng = jax.random.fold_in(rng_base, step)
+            before = counter.count
+            t0 = time.perf_counter()
+            trainable, opt_state, m = steps.train_step(trainable, frozen, opt_state, batch, rng)
+            m = jax.device_get(m)
+            dt = time.perf_counter() - t0
+            step += 1
+            compiled = counter.count - before
+            if compiled and step > start_step + 1:
+                log.warning("step %d recompiled the train step (%d compilations so far): shapes changed?",
+                            step, counter.count)
+            real = int(real_tokens_fn(batch["segment_ids"]))
+            loss = float(m["loss"])
+            if distributed.agree_any(not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"]))):
+                good = ck.latest_step()
+                raise TrainError(
+                    f"non-finite loss {loss} (grad_norm {float(m['grad_norm'])}) at step {step}: stopping. "
+                    f"The last good checkpoint is kept (step {good}); lower train.lr or check the data."
+                )
+            tps = real / dt
+            last = {
+                "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                "accuracy": float(m["accuracy"]), "trainable_tokens": int(m["trainable_tokens"]),
+                "real_tokens": real, "tokens_per_s": tps, "step_time_s": dt,
+                "compile_time_s": dt if compiled else 0.0,
+                "mfu": metrics_lib.mfu(flops_tok, tps, peak, jax.device_count()),
+            }
+            mw.write(step, last)
+            state = {"trainable": trainable, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32),
+                     "rng": jax.random.key_data(rng_base) if jnp.issubdtype(rng_base.dtype, jax.dtypes.prng_key)
+                     else rng_base}
+            meta = {"config": cfg.to_dict(), "step": step}
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
+                do_eval(step, "during training")
+            ck.save(step, state, train_iter, meta)
+            if flag.should_stop():
+                ck.save(step, state, train_iter, meta, force=True)
+                stopped_by = "SIGTERM"
+                mw.print(f"SIGTERM: saved checkpoint at step {step}; exiting (resume with the same command)")
+                break
+        else:
+            if step > start_step:
+                ck.save(step, state, train_iter, {"config": cfg.to_dict(), "step": step}, force=True)
+        ck.wait()
+    finally:
+        flag.uninstall()
+        counter.close()
+    train_time = time.time() - t_start
+    final_eval = do_eval(step, "after training") if stopped_by is None else {}
+    ck.close()
+    mw.close()
+    summary = {"step": step, "total_steps": total_steps, "train_time_s": train_time, "last": last,
+               "eval_before": {k: v for k, v in first_eval.items() if not k.startswith("_")},
+               "eval_after": {k: v for k, v in final_eval.items() if not k.startswith("_")},
+               "stopped_by": stopped_by, "compilations": counter.count}
+    if is_main:
+        with open(workdir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+    return summary
+
+
+# ------------------------------------------------------------------ CLI
+def main(argv=None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/NAME.py (ml_collections); override with --config.a.b=v",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "", "run directory (checkpoints, metrics); default runs/<config name>")
+    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+
+    def _main(_argv):
+        FLAGS = flags.FLAGS
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        for noisy in ("absl", "jax._src", "orbax", "grain", "jax"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        from sft_jax import distributed
+        from sft_jax.config import ConfigError
+
+        cfg = FLAGS.config
+        if cfg is None:
+            print("error: --config=configs/NAME.py is required (e.g. configs/tiny.py)", file=sys.stderr)
+            return 2
+        workdir = FLAGS.workdir or os.path.join("runs", pathlib.Path(flags.FLAGS["config"].config_filename).stem)
+        try:
+            distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            summary = run(cfg, workdir)
+        except (ConfigError, TrainError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2 if isinstance(e, ConfigError) else 1
+        except Exception as e:
+            from sft_jax.data.formats import DataError
+            from sft_jax.sharding import ShardingError
+
+            known = (DataError, ShardingError)
+            try:
+                from sft_jax.models.config import UnsupportedModelError
+                from sft_jax.models.hf_io import CheckpointMismatchError
+
+                known += (UnsupportedModelError, CheckpointMismatchError)
+            except ImportError:
+                pass
+            if isinstance(e, known):
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            raise
+        print(f"done: {summary['step']} steps in {summary['train_time_s']:.1f}s; workdir {os.path.abspath(workdir)}")
+        return 0
+
+    try:
+        app.run(lambda a: sys.exit(_main(a)), argv=argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
