@@ -1,0 +1,246 @@
+"""`ModelConfig`: the architecture of one Llama-family checkpoint plus the run-time policy.
+
+One frozen, hashable dataclass (usable as a static argument of `jax.jit`) covers
+Llama 2, Llama 3/3.1/3.2, Mistral, Qwen2/2.5 and Qwen3.  `from_hf` reads a
+Hugging Face `config.json` dict (transformers 4 style `rope_theta`/`rope_scaling`
+or transformers 5 style `rope_parameters`); `to_hf` writes one back with the
+family's own fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+# Keys of config.json that `from_hf` interprets itself (everything else is kept in
+# `hf_extra` and written back unchanged by `to_hf`).
+_MANAGED_HF_KEYS = {
+    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers",
+    "layer_types", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+    "torch_dtype", "dtype", "transformers_version", "hidden_act", "pretraining_tp",
+    "_name_or_path", "auto_map",
+}
+
+
+class UnsupportedModelError(ValueError):
+    """A checkpoint whose architecture this port does not implement."""
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True)
+    if isinstance(v, list):
+        return tuple(v)
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str = "llama"  # llama | mistral | qwen2 | qwen3
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0 = hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...}
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
+    sliding_window: int | None = None  # every layer attends to the last `sliding_window` positions
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+    # Addition to the contract: bias on o_proj (Llama/Qwen3 `attention_bias` sets it, Qwen2 never does).
+    attention_out_bias: bool = False
+    # run-time policy
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"  # none | full | save_dots
+    # Unmanaged config.json fields, written back by to_hf (not part of hash/eq).
+    hf_extra: dict | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported model_type {self.model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} not divisible by num_kv_heads={self.num_kv_heads}")
+        if self.remat not in ("none", "full", "save_dots"):
+            raise ValueError(f"remat must be none|full|save_dots, got {self.remat!r}")
+        for f in ("dtype", "param_dtype"):
+            if getattr(self, f) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{f} must be float32|bfloat16|float16, got {getattr(self, f)!r}")
+        if self.rope_scaling is not None:
+            rt = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rt not in SUPPORTED_ROPE_TYPES:
+                raise UnsupportedModelError(
+                    f"unsupported rope_scaling type {rt!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
+                )
+
+    def __hash__(self):
+        return hash(tuple(_freeze(getattr(self, f.name)) for f in dataclasses.fields(self) if f.compare))
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        if e is None:
+            return ()
+        return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
+
+    # ------------------------------------------------------------------ HF
+    @classmethod
+    def from_hf(cls, d: dict, **policy) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict; `policy` sets dtype/param_dtype/scan_layers/remat."""
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported model_type {mt!r} (architectures={d.get('architectures')}); "
+                f"supported: {list(SUPPORTED_MODEL_TYPES)}"
+            )
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(f"unsupported hidden_act {act!r} (only silu)")
+        if d.get("pretraining_tp", 1) != 1:
+            pass  # only a torch-side compute split; weights are identical
+        rope_params = d.get("rope_parameters")
+        if rope_params:
+            rope_theta = float(rope_params.get("rope_theta", d.get("rope_theta", 10000.0)))
+            rs = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        else:
+            rope_theta = float(d.get("rope_theta", 10000.0))
+            rs = dict(d["rope_scaling"]) if d.get("rope_scaling") else None
+        if rs is not None:
+            if "type" in rs and "rope_type" not in rs:
+                rs["rope_type"] = rs.pop("type")
+            rs.pop("type", None)
+            if rs.get("rope_type", "default") == "default":
+                rs = None
+        hidden = d["hidden_size"]
+        heads = d["num_attention_heads"]
+        layers = d["num_hidden_layers"]
+        head_dim = d.get("head_dim") or hidden // heads
+        bias = bool(d.get("attention_bias", False))
+        out_bias = bias
+        qk_norm = False
+        window = None
+        if mt == "mistral":
+            window = d.get("sliding_window")
+        elif mt in ("qwen2", "qwen3"):
+            if mt == "qwen2":
+                bias, out_bias = True, False
+            else:
+                qk_norm = True
+            if d.get("use_sliding_window") and d.get("sliding_window") is not None:
+                types = d.get("layer_types") or [
+                    "sliding_attention" if i >= d.get("max_window_layers", layers) else "full_attention"
+                    for i in range(layers)
+                ]
+                if all(t == "sliding_attention" for t in types):
+                    window = d["sliding_window"]
+                elif any(t == "sliding_attention" for t in types):
+                    raise UnsupportedModelError(
+                        f"{mt}: sliding window on only some layers (layer_types={types}) is not implemented"
+                    )
+        elif mt == "llama":
+            pass
+        extra = {k: v for k, v in d.items() if k not in _MANAGED_HF_KEYS}
+        return cls(
+            model_type=mt,
+            vocab_size=d["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=d["intermediate_size"],
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rs,
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bias,
+            attention_out_bias=out_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=qk_norm,
+            sliding_window=window,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            hf_extra=extra or None,
+            **policy,
+        )
+
+    def to_hf(self, torch_dtype: str | None = None) -> dict:
+        """config.json dict for this family (transformers 4 style rope fields, read by 4 and 5)."""
+        d: dict[str, Any] = dict(self.hf_extra or {})
+        d.update(
+            model_type=self.model_type,
+            architectures=[ARCHITECTURES[self.model_type]],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            attention_dropout=0.0,
+        )
+        if self.model_type == "llama":
+            if self.attention_bias != self.attention_out_bias:
+                raise ValueError("llama: attention_bias applies to q/k/v and o together")
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
+        elif self.model_type == "mistral":
+            if self.attention_bias or self.attention_out_bias or self.mlp_bias or self.qk_norm:
+                raise ValueError("mistral has no attention/mlp biases or qk norm")
+            d.update(sliding_window=self.sliding_window)
+        elif self.model_type in ("qwen2", "qwen3"):
+            d.update(
+                use_sliding_window=self.sliding_window is not None,
+                sliding_window=self.sliding_window,
+                max_window_layers=0 if self.sliding_window is not None else self.num_layers,
+                layer_types=[
+                    "sliding_attention" if self.sliding_window is not None else "full_attention"
+                ] * self.num_layers,
+            )
+            if self.model_type == "qwen3":
+                d.update(attention_bias=self.attention_bias)
+        if torch_dtype is not None:
+            d["torch_dtype"] = torch_dtype
+            d["dtype"] = torch_dtype
+        return d

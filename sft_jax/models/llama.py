@@ -1,0 +1,437 @@
+"""One Flax Linen module family for Llama 2/3, Mistral, Qwen2/2.5 and Qwen3.
+
+Layout and policy
+-----------------
+* Parameters are plain pytrees (see BUILD_NOTES.md "Module interfaces"); kernels are
+  `[in, out]`.  Every parameter is created through `nn.with_logical_partitioning`
+  (names: vocab, embed, heads, kv_heads, mlp, norm, and `layers` for the scanned axis),
+  so `param_logical_axes(config)` and sharding rules need no table of their own.
+* Compute dtype (`config.dtype`) and parameter dtype (`config.param_dtype`) are separate;
+  RMSNorm, RoPE, the attention softmax and the logits are float32.
+* Attention takes explicit `positions` and `segment_ids`: it is causal and block-diagonal
+  by segment; segment 0 is padding (its rows attend to nothing, giving finite garbage,
+  never NaN).  Mistral/Qwen sliding windows are applied in the mask
+  (`q_pos - k_pos < sliding_window`, as transformers).
+* LoRA: a dense module adds `lora_scale * dropout(x) @ A @ B` when the `lora` collection
+  holds `A`/`B` at its path (same paths as the params; a leading layer axis with
+  `scan_layers`).  Dropout uses the rng named 'dropout', only when not deterministic.
+
+KV cache (generation)
+---------------------
+`init_cache(config, batch, max_len)` returns
+``{'k': [L, B, S, KV, hd], 'v': [L, B, S, KV, hd], 'positions': [B, S] int32, 'index': int32}``
+where `positions[b, s]` is the RoPE position of the token held in slot `s` of row `b`
+(-1 = empty / padding) and `index` is the next slot to write (shared by all rows).
+`forward_with_cache(params, config, input_ids [B, T], positions [B, T], cache,
+segment_ids=None)` writes the T new tokens into slots `index .. index+T-1`, marks
+slots of tokens whose `segment_ids` is 0 as empty, and lets each query attend to every
+non-empty slot of its row whose position is <= its own (and within the sliding window).
+Slot order therefore does not matter, only the stored positions, so a batch of prompts
+of different lengths can be prefilled right-padded (positions 0..len-1, padding with
+segment id 0) or left-padded; each decode step then feeds one token per row with that
+row's own next position (e.g. `len_b + step`).  With right padding the prefill logits
+to read for row b are at index `len_b - 1`.  All shapes are static, so prefill and the
+decode step each compile once.  The caller must keep `index + T <= max_len`
+(`dynamic_update_slice` clamps otherwise).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sft_jax.models.config import ModelConfig
+
+Array = Any
+F32 = jnp.float32
+_NEG = float(np.finfo(np.float32).min)
+
+
+def _wlc(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+# ------------------------------------------------------------------ RoPE
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] (float32), with `linear` or `llama3` scaling."""
+    hd = config.head_dim
+    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(
+        np.float32
+    )
+    rs = config.rope_scaling
+    if not rs:
+        return inv
+    rt = rs.get("rope_type", rs.get("type", "default"))
+    if rt == "linear":
+        return (inv / np.float32(rs["factor"])).astype(np.float32)
+    if rt == "llama3":
+        factor = rs["factor"]
+        low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old = rs["original_max_position_embeddings"]
+        low_wl, high_wl = old / low, old / high
+        wavelen = 2 * np.pi / inv
+        inv_l = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, inv_l).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray, dtype) -> Array:
+    """Rotate-half RoPE (the Hugging Face layout). x [B, T, N, hd], positions [B, T]."""
+    freqs = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)  # [B, T, hd/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x = x.astype(F32)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(dtype)
+
+
+# ------------------------------------------------------------------ layers
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = F32
+    param_dtype: Any = F32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x = x.astype(F32)
+        y = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(F32)).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """`x @ kernel (+ bias)`, plus the LoRA term when the `lora` collection has A/B here."""
+
+    features: int
+    kernel_axes: tuple
+    use_bias: bool = False
+    dtype: Any = F32
+    param_dtype: Any = F32
+    lora_scale: Any = 1.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), self.kernel_axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            b = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[-1:]),
+                (self.features,),
+                self.param_dtype,
+            )
+            y = y + b.astype(self.dtype)
+        if self.has_variable("lora", "A"):
+            a = self.get_variable("lora", "A")
+            bm = self.get_variable("lora", "B")
+            h = x
+            if not self.deterministic and self.lora_dropout > 0:
+                h = nn.Dropout(rate=self.lora_dropout, rng_collection="dropout")(h, deterministic=False)
+            lo = jnp.dot(jnp.dot(h.astype(self.dtype), a.astype(self.dtype)), bm.astype(self.dtype))
+            y = y + (self.lora_scale * lo).astype(self.dtype)
+        return y
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
+    """GQA attention. q [B,T,H,hd], k/v [B,S,KV,hd], mask [B,T,S] bool -> [B,T,H*hd]."""
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=F32) * (hd**-0.5)
+    s = jnp.where(mask[:, None, None, :, :], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
+    return o.astype(dtype).reshape(b, t, h * hd)
+
+
+class _Base(nn.Module):
+    config: ModelConfig
+    lora_scale: Any = 1.0
+    lora_dropout: float = 0.0
+    deterministic: bool = True
+
+    @property
+    def dt(self):
+        return jnp.dtype(self.config.dtype)
+
+    @property
+    def pdt(self):
+        return jnp.dtype(self.config.param_dtype)
+
+    def dense(self, features, axes, use_bias, name):
+        return Dense(
+            features,
+            axes,
+            use_bias=use_bias,
+            dtype=self.dt,
+            param_dtype=self.pdt,
+            lora_scale=self.lora_scale,
+            lora_dropout=self.lora_dropout,
+            deterministic=self.deterministic,
+            name=name,
+        )
+
+    def norm(self, name):
+        return RMSNorm(self.config.rms_norm_eps, dtype=self.dt, param_dtype=self.pdt, name=name)
+
+
+class Attention(_Base):
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_index=None, cache=None):
+        c = self.config
+        b, t, _ = x.shape
+        hd = c.head_dim
+        q = self.dense(c.num_heads * hd, ("embed", "heads"), c.attention_bias, "q_proj")(x)
+        k = self.dense(c.num_kv_heads * hd, ("embed", "kv_heads"), c.attention_bias, "k_proj")(x)
+        v = self.dense(c.num_kv_heads * hd, ("embed", "kv_heads"), c.attention_bias, "v_proj")(x)
+        q = q.reshape(b, t, c.num_heads, hd)
+        k = k.reshape(b, t, c.num_kv_heads, hd)
+        v = v.reshape(b, t, c.num_kv_heads, hd)
+        if c.qk_norm:
+            q = self.norm("q_norm")(q)
+            k = self.norm("k_norm")(k)
+        inv_freq = rope_inv_freq(c)
+        q = _wlc(apply_rope(q, positions, inv_freq, self.dt), ("act_batch", "act_length", "act_heads", None))
+        k = _wlc(apply_rope(k, positions, inv_freq, self.dt), ("act_batch", "act_length", "act_kv_heads", None))
+        v = _wlc(v, ("act_batch", "act_length", "act_kv_heads", None))
+        new_cache = None
+        if cache is not None:
+            ck, cv = cache
+            ck = lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            cv = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            k, v = ck, cv
+            new_cache = (ck, cv)
+        o = attend(q, k, v, mask, self.dt)
+        o = self.dense(c.hidden_size, ("heads", "embed"), c.attention_out_bias, "o_proj")(o)
+        return o, new_cache
+
+
+class Mlp(_Base):
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        g = self.dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj")(x)
+        u = self.dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj")(x)
+        h = _wlc(nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
+        return self.dense(c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")(h)
+
+
+class DecoderLayer(_Base):
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_index=None, cache=None):
+        kw = dict(config=self.config, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+                  deterministic=self.deterministic)
+        h, new_cache = Attention(**kw, name="attn")(self.norm("input_norm")(x), positions, mask, cache_index, cache)
+        x = x + h
+        x = x + Mlp(**kw, name="mlp")(self.norm("post_attn_norm")(x))
+        x = _wlc(x, ("act_batch", "act_length", "act_embed"))
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(_Base):
+    """The decoder.  `__call__` returns float32 logits [B, T, V] (or the final-normed hidden
+    states [B, T, D] in the compute dtype when `return_hidden`); with `cache` it returns
+    `(logits, new_cache)`."""
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, segment_ids=None, embed_noise=None, return_hidden=False,
+                 cache=None):
+        c = self.config
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = positions.astype(jnp.int32)
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        cache_index = None
+        if cache is None:
+            idx = jnp.arange(t)
+            mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0) & (idx[:, None] >= idx[None, :])
+            if c.sliding_window is not None:
+                mask = mask & (positions[:, :, None] - positions[:, None, :] < c.sliding_window)
+        else:
+            valid = seg != 0
+            cache_index = jnp.asarray(cache["index"], jnp.int32)
+            kv_pos = lax.dynamic_update_slice(
+                cache["positions"], jnp.where(valid, positions, -1).astype(jnp.int32), (0, cache_index)
+            )
+            mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= positions[:, :, None]) & valid[:, :, None]
+            if c.sliding_window is not None:
+                mask = mask & (positions[:, :, None] - kv_pos[:, None, :] < c.sliding_window)
+
+        embedding = Embed(c, name="embed")()  # param path embed/embedding
+        x = jnp.take(embedding, input_ids, axis=0).astype(self.dt)
+        if embed_noise is not None:
+            x = x + embed_noise.astype(self.dt)
+        x = _wlc(x, ("act_batch", "act_length", "act_embed"))
+
+        kw = dict(config=c, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
+                  deterministic=self.deterministic)
+        layer_cls = DecoderLayer
+        if c.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        layer_caches = None if cache is None else (cache["k"], cache["v"])
+        if c.scan_layers:
+            stack = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0, "lora": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, new_caches = stack(**kw, name="layers")(x, positions, mask, cache_index, layer_caches)
+        else:
+            outs = []
+            for i in range(c.num_layers):
+                lc = None if cache is None else (cache["k"][i], cache["v"][i])
+                x, nc = layer_cls(**kw, name=f"layers_{i}")(x, positions, mask, cache_index, lc)
+                outs.append(nc)
+            new_caches = None if cache is None else (
+                jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+        x = self.norm("final_norm")(x)
+        if return_hidden:
+            out = x
+        else:
+            if c.tie_embeddings:
+                kernel = embedding.T
+            else:
+                kernel = LMHead(c, name="lm_head")()
+            out = jnp.einsum("btd,dv->btv", x, kernel.astype(self.dt), preferred_element_type=F32)
+            out = _wlc(out, ("act_batch", "act_length", "act_vocab"))
+        if cache is None:
+            return out
+        new_cache = {"k": new_caches[0], "v": new_caches[1], "positions": kv_pos, "index": cache_index + t}
+        return out, new_cache
+
+
+class Embed(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        c = self.config
+        return self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size),
+            jnp.dtype(c.param_dtype),
+        )
+
+
+class LMHead(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        c = self.config
+        return self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+            (c.hidden_size, c.vocab_size),
+            jnp.dtype(c.param_dtype),
+        )
+
+
+# ------------------------------------------------------------------ functional API
+def _dummy_ids():
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def init_params(config: ModelConfig, rng) -> dict:
+    """Random parameters (plain dict, unboxed) in `config.param_dtype`."""
+
+    @functools.partial(jax.jit)
+    def _init(r):
+        return nn.meta.unbox(Llama(config).init(r, _dummy_ids())["params"])
+
+    return _init(rng)
+
+
+def abstract_params(config: ModelConfig, boxed: bool = False) -> dict:
+    """Shapes/dtypes of the params (jax.ShapeDtypeStruct leaves); `boxed` keeps nn.Partitioned."""
+    tree = jax.eval_shape(lambda: Llama(config).init(jax.random.PRNGKey(0), _dummy_ids())["params"])
+    return tree if boxed else nn.meta.unbox(tree)
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+    """Tree with the params' structure whose leaves are tuples of logical axis names."""
+    boxed = abstract_params(config, boxed=True)
+    return jax.tree.map(
+        lambda x: tuple(x.names), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+
+
+def lm_head_kernel(params: dict, config: ModelConfig) -> Array:
+    """[D, V] output projection (the embedding transposed when tied)."""
+    if config.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def _variables(params, lora):
+    v = {"params": params}
+    if lora is not None:
+        v["lora"] = lora
+    return v
+
+
+def forward(params, config: ModelConfig, input_ids, positions=None, segment_ids=None, *, lora=None,
+            lora_scale=1.0, lora_dropout=0.0, embed_noise=None, dropout_rng=None, deterministic=True,
+            return_hidden=False):
+    """Logits float32 [B, T, V] (or final-normed hidden [B, T, D] when `return_hidden`)."""
+    rngs = {}
+    if not deterministic and lora is not None and lora_dropout > 0:
+        if dropout_rng is None:
+            raise ValueError("forward: lora_dropout > 0 with deterministic=False needs dropout_rng")
+        rngs["dropout"] = dropout_rng
+    model = Llama(config, lora_scale=lora_scale, lora_dropout=lora_dropout, deterministic=deterministic)
+    return model.apply(_variables(params, lora), input_ids, positions, segment_ids, embed_noise, return_hidden,
+                       rngs=rngs or None)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """Empty KV cache (see the module docstring for the layout)."""
+    dt = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dt),
+        "v": jnp.zeros(shape, dt),
+        "positions": jnp.full((batch, max_len), -1, jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def forward_with_cache(params, config: ModelConfig, input_ids, positions, cache, *, segment_ids=None, lora=None,
+                       lora_scale=1.0):
+    """Prefill or decode step: `(logits float32 [B, T, V], new_cache)`.
+
+    `segment_ids` (optional, [B, T]): 0 marks padding tokens, which are not stored as valid
+    cache slots and attend to nothing; any other value marks a real token.
+    """
+    model = Llama(config, lora_scale=lora_scale)
+    return model.apply(_variables(params, lora), input_ids, positions, segment_ids, None, False, cache)
