@@ -85,8 +85,9 @@ def make_optimizer(train_cfg, total_steps: int, params=None):
 
 
 def opt_step(opt_state) -> jax.Array:
-    """The number of updates applied so far (the Adam `count`), an int32 scalar."""
+    """The number of updates applied so far (the Adam `count`), an int32 scalar; 0 for an optimizer
+    without a step count (e.g. plain SGD)."""
     counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
     if not counts:
-        raise ValueError("optimizer state has no 'count' leaf")
+        return jnp.zeros((), jnp.int32)
     return counts[0][1]
