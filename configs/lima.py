@@ -43,7 +43,6 @@ def get_config():
     c.train.b2 = 0.95
     c.train.weight_decay = 0.1
     c.train.grad_clip = 1.0
-    c.train.log_every_steps = 1
 
     c.lora.rank = 0  # full fine-tuning, as in the paper
 

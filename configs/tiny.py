@@ -37,7 +37,6 @@ def get_config():
     c.train.weight_decay = 0.01
     c.train.b2 = 0.98
     c.train.grad_clip = 1.0
-    c.train.log_every_steps = 10
 
     c.lora.rank = 0  # a randomly initialised model is trained fully
 

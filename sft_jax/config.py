@@ -90,7 +90,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.seed = 0
     c.train.z_loss = 0.0
     c.train.loss_chunk_size = 0  # >0: chunked cross-entropy over the sequence (large vocabularies)
-    c.train.log_every_steps = 1
     c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = from the device-kind table
 
     # ----------------------------------------------------------------- lora
