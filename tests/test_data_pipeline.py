@@ -270,20 +270,9 @@ def test_grain_checkpoint_handler_roundtrip(tok, data_file, tmp_path):
         np.testing.assert_array_equal(want[k], got[k])
 
 
-def test_empty_paths_use_the_tiny_builtin_data_and_tokenizer():
+def test_empty_paths_are_clear_errors():
     cfg = default_config()
-    cfg.data.max_length = 128
-    tok, added = pipeline.tokenizer_from_config(cfg)
-    assert added == [] and len(tok) <= cfg.model.tiny.vocab_size and tok.chat_template
-    assert templates.stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
-    it = pipeline.build_train_iterator(cfg.data, tok, global_batch_size=8, seed=0, process_index=0, process_count=1,
-                                       epochs=None, num_packing_bins=16)
-    b = next(it)
-    assert b["inputs"].shape == (8, 128) and b["loss_mask"].sum() > 0
-    assert int(b["inputs"].max()) < cfg.model.tiny.vocab_size
-    cfg.data.template = "llama3"
-    tok, added = pipeline.tokenizer_from_config(cfg)
-    assert len(added) == 3 and len(tok) <= cfg.model.tiny.vocab_size
-    assert it.stats.rows > 0 and not it.stats.skipped
-    ev, _ = pipeline.build_eval_batches(cfg.data, tok, global_batch_size=8, process_index=0, process_count=1)
-    assert ev
+    with pytest.raises(DataError, match="no tokenizer"):
+        pipeline.tokenizer_from_config(cfg)
+    with pytest.raises(DataError, match="data.path is empty"):
+        pipeline.split_records(cfg.data, "train")

@@ -125,12 +125,9 @@ def tokenizer_from_config(cfg):
     """``cfg`` (the full ConfigDict) -> ``(tokenizer, added_tokens)``, with ``data.template``
     installed.  ``added_tokens`` non-empty => resize the model vocab to ``len(tokenizer)``."""
     path = cfg.data.tokenizer or cfg.model.path
-    if not path:  # the tiny built-in model: the tiny built-in tokenizer (chatml unless data.template says)
-        from sft_jax.data import tiny
-
-        tok = tiny.tiny_tokenizer()
-    else:
-        tok = load_tokenizer(path)
+    if not path:
+        raise DataError("no tokenizer: set data.tokenizer (a tokenizer directory or .model file) or model.path")
+    tok = load_tokenizer(path)
     return templates.prepare_tokenizer(tok, cfg.data.template, add_tokens=cfg.data.add_template_tokens)
 
 
@@ -219,10 +216,8 @@ def split_records(cfg_data, split: str, seed: int = 0) -> list[list[dict]]:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if split == "eval" and cfg_data.eval_path:
         return [formats.load_conversations(cfg_data.eval_path, cfg_data.format, cfg_data.system_prompt)]
-    if not cfg_data.path:  # "" = the built-in tiny generated tasks (sft_jax/data/tiny.py)
-        from sft_jax.data import tiny
-
-        return [_split_rows(tiny.generated_records(), cfg_data.eval_fraction, seed, split)]
+    if not cfg_data.path:  # the trainer fills it in for model.init=tiny (its generated tasks)
+        raise DataError("data.path is empty: set --config.data.path=FILE[,FILE...] or a directory")
     out = []
     for entry in [p.strip() for p in cfg_data.path.split(",") if p.strip()]:
         recs = formats.load_conversations(entry, cfg_data.format, cfg_data.system_prompt)
