@@ -1,0 +1,145 @@
+"""Export a trained run for transformers / vLLM / peft.
+
+    python -m sft_jax.export --workdir=DIR [--step=N] --out=DIR --format=merged|peft [--dtype=bfloat16|float32]
+
+* `merged`: the LoRA update merged into the base (`lora.merge`; full fine-tuning: the trained
+  weights), written by `save_hf` (config.json of the original family, safetensors sharded with an
+  index above --max_shard_mb), plus the run's tokenizer files (with the chat template used in
+  training) and a `generation_config.json` whose `eos_token_id` lists the end-of-turn token and
+  EOS, so `model.generate` stops where the fine-tuned model learnt to.
+* `peft`: `adapter_config.json` + `adapter_model.safetensors` (`PeftModel.from_pretrained(base,
+  DIR)`), plus the tokenizer files (the training tokenizer may carry added template tokens).
+
+Bad arguments (missing workdir, unknown step or format, ...) print one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+FORMATS = ("merged", "peft")
+DTYPES = ("float32", "bfloat16")
+
+
+class UsageError(Exception):
+    """A bad command-line argument: reported as one line on stderr, exit code 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`) on stderr and exit code 2."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        raise UsageError(message)
+
+
+def run_cli(main_fn, argv, prog: str) -> int:
+    """Run `main_fn(argv)`; UsageError and the project's known errors -> one line + exit 2."""
+    from sft_jax.peft_io import PeftFormatError
+    from sft_jax.workdir import WorkdirError
+
+    known: tuple = (UsageError, WorkdirError, PeftFormatError, FileNotFoundError, NotADirectoryError)
+    try:
+        return int(main_fn(argv) or 0)
+    except Exception as e:  # noqa: BLE001 - only the known kinds are reported as one line
+        mc = sys.modules.get("sft_jax.models.config")  # not imported here: it pulls in jax
+        hf = sys.modules.get("sft_jax.models.hf_io")
+        kinds = known + ((mc.UnsupportedModelError,) if mc else ()) + ((hf.CheckpointMismatchError,) if hf else ())
+        if not isinstance(e, kinds):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog="python -m sft_jax.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="training work directory (run.json, checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", required=True, help="merged | peft")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the run's model.param_dtype)")
+    p.add_argument("--max_shard_mb", type=float, default=5 * 1024, help="merged: shard size limit in MiB")
+    return p
+
+
+def generation_config(model_config, eos_ids, tokenizer=None) -> dict:
+    eos = list(dict.fromkeys(int(i) for i in eos_ids)) or list(model_config.eos_token_ids)
+    pad = model_config.pad_token_id
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    return {
+        "bos_token_id": model_config.bos_token_id,
+        "eos_token_id": eos if len(eos) != 1 else eos[0],
+        "pad_token_id": pad,
+        "do_sample": False,
+    }
+
+
+def copy_tokenizer(src: str, out: str) -> None:
+    if not os.path.isdir(src):
+        return
+    for name in os.listdir(src):
+        s = os.path.join(src, name)
+        if os.path.isfile(s):
+            shutil.copyfile(s, os.path.join(out, name))
+
+
+def export_merged(run, out: str, *, dtype: str = "float32", max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Write the merged HF directory for a loaded `Run`; returns the safetensors files."""
+    from sft_jax.models.hf_io import save_hf
+    params = run.merged_params()
+    os.makedirs(out, exist_ok=True)
+    files = save_hf(out, run.model_config, params, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    copy_tokenizer(run.tokenizer_path, out)
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump(generation_config(run.model_config, run.eos_ids, run.tokenizer), f, indent=2)
+    return files
+
+
+def export_peft(run, out: str, *, dtype: str = "float32") -> list[str]:
+    """Write a peft adapter directory for a loaded LoRA `Run`; returns the adapted module names."""
+    from sft_jax.peft_io import save_peft_adapter
+    modules = save_peft_adapter(out, run.trainable, run.lora_cfg, run.model_config,
+                                base_model_name_or_path=run.base_model, dtype=dtype)
+    copy_tokenizer(run.tokenizer_path, out)
+    return modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.format not in FORMATS:
+        raise UsageError(f"--format={args.format!r} is not one of {', '.join(FORMATS)}")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise UsageError(f"--dtype={args.dtype!r} is not one of {', '.join(DTYPES)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out: {args.out} exists and is not a directory")
+    if args.max_shard_mb <= 0:
+        raise UsageError("--max_shard_mb must be > 0")
+    from sft_jax.workdir import check_workdir
+
+    run_json, step, _ = check_workdir(args.workdir, args.step)  # cheap checks before jax loads
+    if args.format == "peft" and int(run_json["lora"].get("rank", 0)) <= 0:
+        raise UsageError("this run is full fine-tuning (lora.rank = 0): there is no adapter; use --format=merged")
+    dtype = args.dtype or run_json["model"].get("param_dtype", "float32")
+
+    from sft_jax.workdir import load_run
+
+    # Merge in float32 whatever the training param dtype was; cast once when writing.
+    run = load_run(args.workdir, step, param_dtype="float32", dtype="float32", load_tokenizer=True)
+    if args.format == "merged":
+        files = export_merged(run, args.out, dtype=dtype, max_shard_bytes=int(args.max_shard_mb * 2**20))
+        print(f"wrote merged {run.model_config.model_type} model of step {run.step} to {args.out} "
+              f"({len(files)} safetensors file(s), {dtype}, eos_token_id={run.eos_ids})")
+    else:
+        modules = export_peft(run, args.out, dtype=dtype)
+        print(f"wrote peft LoRA adapter of step {run.step} to {args.out} (r={run.lora_cfg.rank}, "
+              f"alpha={run.lora_cfg.alpha}, rslora={run.lora_cfg.rslora}, {len(modules)} modules, {dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:], "python -m sft_jax.export"))

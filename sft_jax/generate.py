@@ -1,0 +1,292 @@
+"""Generate (or chat) with a Hugging Face model directory or a trained work directory.
+
+    python -m sft_jax.generate --model=HF_DIR | --workdir=DIR [--step=N]
+        [--prompt="..." (repeatable: one batch) | --prompt_ids=1,2,3 (repeatable) | --interactive]
+        [--system="..."] [--max_new_tokens=N] [--temperature=0 --top_p=1 --top_k=0 --seed=0] [--json]
+
+Prompts are rendered with the chat template used in training (the work directory's template /
+tokenizer, `add_generation_prompt=True`; tokenized without extra special tokens, exactly as the
+data pipeline does), prefilled into the KV cache and decoded with `sampling.generate`; rows stop
+at EOS or the end-of-turn token (run.json's `eos_ids`; for --model: generation_config.json's and
+config.json's eos ids, the tokenizer's EOS and the end-of-turn marker its template uses).
+`--prompt_ids` bypasses the template (raw ids, e.g. `1` = BOS).  A --model whose tokenizer has no
+chat_template encodes --prompt as plain text with the tokenizer's special tokens (BOS).
+`--json` prints one JSON object: {"generations": [{"prompt", "prompt_ids", "ids", "text",
+"finish_reason"}, ...]}.  `--interactive`: a multi-turn chat on stdin that keeps the history
+(`/reset` clears it, `/exit` or EOF ends).
+
+Bad arguments print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from sft_jax.export import OneLineArgumentParser, UsageError, run_cli
+
+PROG = "python -m sft_jax.generate"
+
+
+@dataclasses.dataclass
+class Generator:
+    """A model ready to generate: params (+ optional unmerged LoRA), tokenizer, template, stop ids."""
+
+    config: Any
+    params: dict
+    tokenizer: Any = None
+    template: str | None = None  # jinja source; None = no chat template
+    eos_ids: list[int] = dataclasses.field(default_factory=list)
+    lora: dict | None = None
+    lora_scale: float = 1.0
+    name: str = ""
+
+    # ------------------------------------------------------------------ prompts
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Render with the training template (add_generation_prompt) -> ids (no extra specials)."""
+        if self.tokenizer is None:
+            raise UsageError(f"{self.name}: no tokenizer; use --prompt_ids")
+        if not self.template:
+            raise UsageError(f"{self.name}: the tokenizer has no chat_template; use --prompt_ids or a plain --prompt")
+        from sft_jax.data.masking import render
+
+        text = render(self.tokenizer, self.template, messages, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_prompt(self, prompt: str, system: str = "") -> list[int]:
+        if self.tokenizer is None:
+            raise UsageError(f"{self.name}: no tokenizer; use --prompt_ids")
+        if not self.template:  # a base model without a chat template: plain text (+ BOS)
+            return list(self.tokenizer(prompt)["input_ids"])
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.encode_messages(msgs)
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ generate
+    def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], str]]:
+        """Batched KV-cache generation -> [(new ids without the stop token, finish_reason)]."""
+        from sft_jax.sampling import generate
+
+        outs = generate(self.params, self.config, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                        eos_ids=self.eos_ids, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        lora=self.lora, lora_scale=self.lora_scale, keep_eos=True)
+        eos = set(self.eos_ids)
+        res = []
+        for o in outs:
+            if o and o[-1] in eos:
+                res.append((o[:-1], "stop"))
+            else:
+                res.append((o, "length"))
+        return res
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _model_stop_ids(path: str, config, tokenizer, template: str | None) -> list[int]:
+    from sft_jax.workdir import default_stop_ids
+
+    extra: list[int] = []
+    gc = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gc):
+        try:
+            with open(gc) as f:
+                e = json.load(f).get("eos_token_id")
+            extra = [int(i) for i in (e if isinstance(e, list) else [e]) if i is not None]
+        except (OSError, ValueError):
+            extra = []
+    ids = list(extra)
+    for i in default_stop_ids(tokenizer, "", config):
+        if i not in ids:
+            ids.append(i)
+    del template
+    return ids
+
+
+def check_model_dir(path: str):
+    """Cheap checks of an HF directory (no jax): -> ModelConfig. UsageError (one line) when unusable."""
+    if not os.path.isdir(path):
+        raise UsageError(f"--model: not a directory: {path}")
+    cfg = os.path.join(path, "config.json")
+    try:
+        with open(cfg) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--model: {cfg} not found") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model: cannot read {cfg}: {type(e).__name__}: {e}") from None
+    if not any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+        raise UsageError(f"--model: no model.safetensors or model.safetensors.index.json in {path}")
+    from sft_jax.models.config import ModelConfig  # (imports jax via the package)
+
+    try:
+        return ModelConfig.from_hf(d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--model: {cfg}: {type(e).__name__}: {e}") from None
+
+
+def load_model_dir(path: str, *, param_dtype: str = "float32", dtype: str = "float32") -> Generator:
+    from sft_jax.models.hf_io import load_hf
+
+    check_model_dir(path)
+    config, params = load_hf(path, param_dtype=param_dtype, dtype=dtype)
+    tokenizer = None
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if isinstance(template, dict):
+        template = template.get("default")
+    return Generator(config=config, params=params, tokenizer=tokenizer, template=template or None,
+                     eos_ids=_model_stop_ids(path, config, tokenizer, template), name=path)
+
+
+def load_workdir(workdir: str, step: int | None = None, *, param_dtype: str | None = None,
+                 dtype: str | None = None) -> Generator:
+    """A trained run: its base + unmerged LoRA (or full weights), its tokenizer, template and stop ids."""
+    from sft_jax.workdir import load_run
+
+    run = load_run(workdir, step, param_dtype=param_dtype, dtype=dtype)
+    if run.is_lora:
+        params, lora, scale = run.frozen_params, run.trainable, run.lora_scale
+    else:
+        params, lora, scale = run.trainable, None, 1.0
+    return Generator(config=run.model_config, params=params, tokenizer=run.tokenizer, template=run.chat_template(),
+                     eos_ids=list(run.eos_ids), lora=lora, lora_scale=scale, name=f"{workdir}@{run.step}")
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a Hugging Face model directory")
+    p.add_argument("--workdir", default=None, help="a training work directory")
+    p.add_argument("--step", type=int, default=None, help="--workdir checkpoint step (default: the latest)")
+    p.add_argument("--prompt", action="append", default=[], help="user message (repeat for a batch)")
+    p.add_argument("--prompt_ids", action="append", default=[], help="raw comma-separated ids, no template")
+    p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin")
+    p.add_argument("--system", default="", help="system message")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="param dtype to load: float32 | bfloat16")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _check_args(args) -> list[list[int]]:
+    if (args.model is None) == (args.workdir is None):
+        raise UsageError("give exactly one of --model=HF_DIR or --workdir=DIR")
+    if args.step is not None and args.workdir is None:
+        raise UsageError("--step needs --workdir")
+    if not (args.prompt or args.prompt_ids or args.interactive):
+        raise UsageError("nothing to generate: give --prompt, --prompt_ids or --interactive")
+    if args.interactive and (args.prompt or args.prompt_ids or args.json):
+        raise UsageError("--interactive cannot be combined with --prompt, --prompt_ids or --json")
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max_new_tokens must be > 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UsageError(f"--top_k must be >= 0, got {args.top_k}")
+    if args.dtype not in (None, "float32", "bfloat16"):
+        raise UsageError(f"--dtype={args.dtype!r} is not one of float32, bfloat16")
+    ids = []
+    for s in args.prompt_ids:
+        try:
+            row = [int(x) for x in s.replace(" ", "").split(",") if x != ""]
+        except ValueError:
+            raise UsageError(f"--prompt_ids={s!r}: expected comma-separated integers") from None
+        if not row:
+            raise UsageError("--prompt_ids: empty")
+        ids.append(row)
+    return ids
+
+
+def _load(args) -> Generator:
+    if args.model is not None:
+        check_model_dir(args.model)
+        return load_model_dir(args.model, param_dtype=args.dtype or "float32")
+    from sft_jax.workdir import check_workdir
+
+    check_workdir(args.workdir, args.step)
+    return load_workdir(args.workdir, args.step, param_dtype=args.dtype)
+
+
+def _interactive(gen: Generator, args, stdin=None, stdout=None) -> None:
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    if not gen.template:
+        raise UsageError(f"{gen.name}: --interactive needs a chat template (the tokenizer has none)")
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    n = 0
+    while True:
+        print("> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            print("(history cleared)", file=stdout, flush=True)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = gen.encode_messages(history)
+        (out, _), = gen.generate_ids([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed + n)
+        reply = gen.decode(out)
+        history.append({"role": "assistant", "content": reply})
+        print(reply, file=stdout, flush=True)
+        n += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    raw = _check_args(args)
+    gen = _load(args)
+    if args.interactive:
+        _interactive(gen, args)
+        return 0
+    prompts: list[tuple[str | None, list[int]]] = [(p, gen.encode_prompt(p, args.system)) for p in args.prompt]
+    prompts += [(None, r) for r in raw]
+    vocab = gen.config.vocab_size
+    for _, ids in prompts:
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise UsageError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    outs = gen.generate_ids([ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    results = [
+        {"prompt": p, "prompt_ids": ids, "ids": out, "text": gen.decode(out), "finish_reason": why}
+        for (p, ids), (out, why) in zip(prompts, outs)
+    ]
+    if args.json:
+        print(json.dumps({"generations": results}, ensure_ascii=False))
+    else:
+        for i, r in enumerate(results):
+            if len(results) > 1:
+                print(f"=== {i}: {r['prompt'] if r['prompt'] is not None else r['prompt_ids']}")
+            print(r["text"] if r["text"] is not None else " ".join(map(str, r["ids"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:], PROG))
