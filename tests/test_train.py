@@ -162,19 +162,24 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 @pytest.mark.slow
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
     wd = tmp_path / "run"
-    p = _train(wd, "--config.train.steps=40", "--config.checkpoint.every_steps=2", "--config.train.lr=1e9",
-               "--config.train.grad_clip=0.0", "--config.train.warmup_steps=0", "--config.train.schedule=constant",
-               "--config.checkpoint.async_save=False", check=False)
+    common = ["--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False",
+              "--config.checkpoint.keep=5"]
+    _train(wd, "--config.train.steps=4", *common)  # good checkpoints at steps 2 and 4
+    # continue with an absurd learning rate: the loss becomes non-finite within a step or two
+    p = _train(wd, "--config.train.steps=40", "--config.train.lr=1e12",
+               "--config.train.schedule=constant", *common, check=False)
     assert p.returncode == 1, p.stderr[-3000:]
-    assert "non-finite loss" in p.stderr
-    # every checkpoint left holds finite parameters: the NaN state was never saved
+    assert "non-finite loss" in p.stderr and "last good checkpoint" in p.stderr
+    assert "Traceback" not in p.stderr
     from sft_jax.checkpoint import Checkpointer
 
     ck = Checkpointer(wd, keep=5)
     steps = ck.all_steps()
-    bad_step = max(r["step"] for r in _metrics(wd) if "loss" in r)
-    assert steps and max(steps) < bad_step
     ck.close()
+    bad_step = max(r["step"] for r in _metrics(wd) if "loss" in r)
+    assert steps and 4 in steps and max(steps) < bad_step  # the non-finite state was never saved
+    # and the kept checkpoint is good: a resumed run with a sane lr continues from it
+    _train(wd, f"--config.train.steps={max(steps) + 1}", *common)
 
 
 @pytest.mark.slow
