@@ -24,7 +24,7 @@ def get_config():
 
     c.data.path = ""  # "" with model.init=tiny: the generated tasks
     c.data.template = "chatml"
-    c.data.max_length = 256
+    c.data.max_length = 128
     c.data.packing = True
     c.data.eval_fraction = 0.0  # the tiny tasks come with their own held-out prompts
 
@@ -33,16 +33,16 @@ def get_config():
     c.train.lr = 2e-3
     c.train.end_lr = 1e-4
     c.train.schedule = "cosine"
-    c.train.warmup_steps = 30
+    c.train.warmup_steps = 25
     c.train.weight_decay = 0.01
     c.train.b2 = 0.98
     c.train.grad_clip = 1.0
 
     c.lora.rank = 0  # a randomly initialised model is trained fully
 
-    c.checkpoint.every_steps = 200
+    c.checkpoint.every_steps = 300
     c.checkpoint.keep = 2
-    c.eval.every_steps = 200
+    c.eval.every_steps = 300
     c.eval.num_generations = 4
     c.eval.max_new_tokens = 40
     return c
