@@ -81,6 +81,9 @@ def test_metrics_fields_and_real_token_count(tmp_path):
     for key in ("loss", "lr", "grad_norm", "trainable_tokens", "real_tokens", "tokens_per_s", "step_time_s",
                 "compile_time_s", "mfu"):
         assert key in rows[0], key
+    # the step compiles once, on the first step, and never again
+    assert rows[0]["compile_time_s"] > 0 and all(r["compile_time_s"] == 0 for r in rows[1:])
+    assert all(r["tokens_per_s"] > 0 and r["real_tokens"] > 0 for r in rows)
     # the same data through the pipeline: total real tokens of one epoch
     import ml_collections
 
