@@ -95,6 +95,11 @@ def agree_any(flag: bool) -> bool:
     return bool(np.asarray(flags).max())
 
 
+def agree_all(flag: bool) -> bool:
+    """True on every process only when `flag` is True on every process (a synchronised check)."""
+    return not agree_any(not flag)
+
+
 def broadcast_from_main(value: int) -> int:
     """Process 0's integer, on every process (e.g. the step to resume from)."""
     if jax.process_count() == 1:

@@ -94,6 +94,10 @@ def _count(tree) -> int:
 def _to_host(tree):
     import jax
 
+    if jax.process_count() > 1:  # arrays span several hosts: all-gather (a collective: call on every process)
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
@@ -219,14 +223,16 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
     axes = llama.param_logical_axes(model_config)
     param_sh = sharding.logical_shardings(axes, mesh, llama.abstract_params(model_config))
     if cfg.model.init == "tiny":
-        if (base_dir / "config.json").exists():
+        # decided once for all processes (process 0 may write base_model/ while another still checks)
+        if distributed.broadcast_from_main(int((base_dir / "config.json").exists())):
             model_config, params = hf_io.load_hf(str(base_dir), shardings=param_sh, **_model_policy(cfg))
         else:
             params = jax.jit(lambda r: llama.init_params(model_config, r), out_shardings=param_sh)(
                 jax.random.PRNGKey(cfg.train.seed + 1)
             )
+            host_params = _to_host(params)  # every process (multi-host: a collective)
             if is_main:
-                hf_io.save_hf(str(base_dir), model_config, _to_host(params))
+                hf_io.save_hf(str(base_dir), model_config, host_params)
                 tokenizer.save_pretrained(str(base_dir))
             distributed.barrier("base_model")
         base_model = str(base_dir)
@@ -238,7 +244,9 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
         if is_main:
             log.warning("added %d template tokens %s: vocab resized to %d; the resized base is saved in %s",
                         len(added), added, len(tokenizer), base_dir)
-            hf_io.save_hf(str(base_dir), model_config, _to_host(params))
+        host_params = _to_host(params)  # every process (multi-host: a collective)
+        if is_main:
+            hf_io.save_hf(str(base_dir), model_config, host_params)
             tokenizer.save_pretrained(str(base_dir))
         distributed.barrier("resized_base")
         base_model = str(base_dir)
@@ -305,8 +313,14 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
     trainable = jax.device_put(trainable, steps.shardings.trainable)
     frozen = jax.device_put(frozen, steps.shardings.frozen) if frozen else frozen
     opt_state = sharding.init_opt_state(optimizer, trainable, steps.shardings.opt_state)
-    state = {"trainable": trainable, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(rng_init)}
+    rep = sharding.replicated(mesh)  # step/rng as global replicated arrays (Orbax multi-host needs global arrays)
+
+    def rep_array(v):  # same host value on every process -> replicated global array (no communication)
+        v = np.asarray(v)
+        return jax.make_array_from_callback(v.shape, rep, lambda _: v)
+
+    state = {"trainable": trainable, "opt_state": opt_state, "step": rep_array(np.int32(0)),
+             "rng": rep_array(jax.random.key_data(rng_init))}
 
     # ---- run files, checkpoints, resume
     if is_main:
@@ -322,8 +336,20 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
         latest = ck.latest_step()
         latest = distributed.broadcast_from_main(-1 if latest is None else latest)
         if latest >= 0:
-            state, _ = ck.restore(abstract_state=ckpt_lib.abstract_like(state), data_iterator=train_iter)
+            # The grain iterator state is per process (process_i-of-n.json): after a change of the
+            # process count it cannot be restored, so the new iterator is fast-forwarded instead.
+            saved_pc = int(ck.restore_meta(latest).get("process_count", jax.process_count()))
+            same_topology = distributed.agree_all(saved_pc == jax.process_count())
+            state, _ = ck.restore(abstract_state=ckpt_lib.abstract_like(state),
+                                  data_iterator=train_iter if same_topology else None)
             start_step = int(state["step"])
+            if not same_topology:
+                log.warning("checkpoint written by %d processes, resuming with %d: the data iterator is "
+                            "fast-forwarded by %d batches (exact for data.packing=False without skipped "
+                            "examples; with packing each process's packed stream differs)",
+                            saved_pc, jax.process_count(), start_step)
+                for _ in range(start_step):
+                    next(train_iter)
     trainable, opt_state = state["trainable"], state["opt_state"]
     rng_base = jax.random.wrap_key_data(state["rng"]) if state["rng"].dtype == jnp.uint32 else state["rng"]
 
@@ -375,6 +401,7 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
     flag = ckpt_lib.PreemptionFlag().install()
     counter = metrics_lib.CompileCounter("train_step")
     real_tokens_fn = jax.jit(lambda s: jnp.sum(s > 0))
+    seen_shapes: set = set()  # batch shapes compiled so far (one with packing; one per bucket when padding)
     step = start_step
     last = {}
     stopped_by = None
@@ -391,9 +418,13 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
             dt = time.perf_counter() - t0
             step += 1
             compiled = counter.count - before
-            if compiled and step > start_step + 1:
-                log.warning("step %d recompiled the train step (%d compilations so far): shapes changed?",
-                            step, counter.count)
+            shape = tuple(host["inputs"].shape)
+            if compiled and shape in seen_shapes:
+                log.warning("step %d recompiled the train step for an already-compiled batch shape %s "
+                            "(%d compilations so far)", step, shape, counter.count)
+            elif compiled and seen_shapes:
+                log.info("step %d: new padded-length bucket %s compiled", step, shape)
+            seen_shapes.add(shape)
             real = int(real_tokens_fn(batch["segment_ids"]))
             loss = float(m["loss"])
             if distributed.agree_any(not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"]))):
@@ -411,10 +442,11 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
                 "mfu": metrics_lib.mfu(flops_tok, tps, peak, jax.device_count()),
             }
             mw.write(step, last)
-            state = {"trainable": trainable, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32),
+            state = {"trainable": trainable, "opt_state": opt_state,
+                     "step": rep_array(np.int32(step)),
                      "rng": jax.random.key_data(rng_base) if jnp.issubdtype(rng_base.dtype, jax.dtypes.prng_key)
                      else rng_base}
-            meta = {"config": cfg.to_dict(), "step": step}
+            meta = {"config": cfg.to_dict(), "step": step, "process_count": jax.process_count()}
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                 do_eval(step, "during training")
             ck.save(step, state, train_iter, meta)
@@ -425,7 +457,8 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
                 break
         else:
             if step > start_step:
-                ck.save(step, state, train_iter, {"config": cfg.to_dict(), "step": step}, force=True)
+                ck.save(step, state, train_iter, {"config": cfg.to_dict(), "step": step,
+                                                  "process_count": jax.process_count()}, force=True)
         ck.wait()
     finally:
         flag.uninstall()
