@@ -12,6 +12,9 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
 #SBATCH --output=sft_jax-%j.out
+# SIGTERM every task 2 minutes before the time limit: the trainer agrees on a step, saves a
+# checkpoint and exits; resubmit the same command to resume.
+#SBATCH --signal=TERM@120
 set -euo pipefail
 VENV=${VENV:-$PWD/.venv}
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
@@ -22,4 +25,5 @@ fi
 first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 echo "sft_jax: $SLURM_NNODES nodes, coordinator $first"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-srun --ntasks-per-node=1 bash -c "source '$VENV/bin/activate' && python -m sft_jax.train $*"
+args=$(printf '%q ' "$@")  # keep each argument intact (spaces, quotes) through bash -c
+srun --ntasks-per-node=1 bash -c "source '$VENV/bin/activate' && exec python -m sft_jax.train $args"

@@ -34,6 +34,11 @@ for ((i = 0; i < n; i++)); do
     "$@" >"$LOG_DIR/process_$i.log" 2>&1 &
   pids+=($!)
 done
+# SIGTERM/SIGINT to this script go to every process: they agree to stop at the same step, save
+# a checkpoint and exit 0 (the trainer's PreemptionFlag); resume with the same command.
+forward() { echo "local_multiprocess.sh: forwarding SIG$1 to ${pids[*]}" >&2; kill -"$1" "${pids[@]}" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward TERM' INT
 tail -n +1 -f "$LOG_DIR/process_0.log" --pid="${pids[0]}" &
 tailpid=$!
 status=0

@@ -27,5 +27,8 @@ g scp "$tarball" "$NAME":~/sft_jax.tar.gz --worker=all
 g ssh "$NAME" --worker=all --command="mkdir -p ~/sft_jax && tar -xzf ~/sft_jax.tar.gz -C ~/sft_jax && \
   cd ~/sft_jax && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[tpu]==0.10.2'"
 args=$(printf '%q ' "$@")
-g ssh "$NAME" --worker=all --command="cd ~/sft_jax && . .venv/bin/activate && python -m sft_jax.train $args" 2>&1 \
+# SFT_JAX_DISTRIBUTED=auto: jax.distributed finds the pod's workers from the TPU metadata server
+# (TPU VMs do not export the worker list to an ssh session).
+g ssh "$NAME" --worker=all --command="cd ~/sft_jax && . .venv/bin/activate && \
+  SFT_JAX_DISTRIBUTED=auto python -m sft_jax.train $args" 2>&1 \
   | tee "tpu_pod_${NAME}.log"

@@ -5,8 +5,9 @@ processes:
 - explicit flags / arguments (`--coordinator_address --num_processes --process_id`),
 - the `SFT_JAX_COORDINATOR`, `SFT_JAX_NUM_PROCESSES`, `SFT_JAX_PROCESS_ID` variables
   (set by `launch/local_multiprocess.sh`),
-- SLURM with more than one task (`launch/gpu_slurm.sh`) and TPU VM pods (more than one worker
-  in `TPU_WORKER_HOSTNAMES`), both through JAX's own cluster auto-detection.
+- SLURM with more than one task (`launch/gpu_slurm.sh`), TPU VM pods (`SFT_JAX_DISTRIBUTED=auto`,
+  set by `launch/tpu_pod.sh`, or more than one worker in `TPU_WORKER_HOSTNAMES`), all through
+  JAX's own cluster auto-detection.
 On a single host nothing is started.
 
 Every decision that changes control flow (resume step, stop on NaN, save on SIGTERM) goes
@@ -67,10 +68,15 @@ def initialize(
             process_id=process_id,
             **kwargs,
         )
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or len(
-        [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    ) > 1:
-        jax.distributed.initialize(**kwargs)  # JAX's SLURM / TPU cluster auto-detection
+    elif (
+        os.environ.get("SFT_JAX_DISTRIBUTED", "").lower() == "auto"
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    ):
+        # JAX's cluster auto-detection (SLURM, TPU VM pods via the GCE metadata server, ...).
+        # TPU VMs usually do not export TPU_WORKER_HOSTNAMES to an ssh session, so
+        # launch/tpu_pod.sh sets SFT_JAX_DISTRIBUTED=auto.
+        jax.distributed.initialize(**kwargs)
     else:
         return False
     _INITIALIZED = True

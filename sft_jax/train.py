@@ -343,6 +343,9 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
             state, _ = ck.restore(abstract_state=ckpt_lib.abstract_like(state),
                                   data_iterator=train_iter if same_topology else None)
             start_step = int(state["step"])
+            if distributed.agree_any(distributed.broadcast_from_main(start_step) != start_step):
+                raise TrainError(f"processes restored different checkpoints (this one: step {start_step}); "
+                                 f"check that every host sees the same {ck.directory}")
             if not same_topology:
                 log.warning("checkpoint written by %d processes, resuming with %d: the data iterator is "
                             "fast-forwarded by %d batches (exact for data.packing=False without skipped "
