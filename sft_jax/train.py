@@ -244,10 +244,12 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
         if is_main:
             log.warning("added %d template tokens %s: vocab resized to %d; the resized base is saved in %s",
                         len(added), added, len(tokenizer), base_dir)
-        host_params = _to_host(params)  # every process (multi-host: a collective)
-        if is_main:
-            hf_io.save_hf(str(base_dir), model_config, host_params)
-            tokenizer.save_pretrained(str(base_dir))
+        # the resized base is deterministic (mean-initialised rows): written once, reused on resume
+        if not distributed.broadcast_from_main(int((base_dir / "config.json").exists())):
+            host_params = _to_host(params)  # every process (multi-host: a collective)
+            if is_main:
+                hf_io.save_hf(str(base_dir), model_config, host_params)
+                tokenizer.save_pretrained(str(base_dir))
         distributed.barrier("resized_base")
         base_model = str(base_dir)
         axes = llama.param_logical_axes(model_config)
