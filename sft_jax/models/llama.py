@@ -163,6 +163,29 @@ def attend(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
     return o.astype(dtype).reshape(b, t, h * hd)
 
 
+def _causal_chunk(t: int) -> int:
+    """Query/key block size for `attend_causal` (0 = no blocking): at most 8 blocks of >= 128."""
+    chunk = max(128, t // 8)
+    return chunk if t > chunk and t % chunk == 0 else 0
+
+
+def attend_causal(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
+    """`attend` for the training path, where keys are the same slots as the queries and the mask is
+    causal by slot: query block i is scored only against key blocks 0..i, so the upper-right blocks
+    of the T x T scores (all masked) are never computed. Same math and mask as `attend`; saves
+    (n-1)/2n of the attention FLOPs and score memory for n blocks (-13% step time measured on CPU
+    for a 31M model at T=512, bench/README.md)."""
+    b, t, h, hd = q.shape
+    chunk = _causal_chunk(t)
+    if not chunk or k.shape[1] != t:
+        return attend(q, k, v, mask, dtype)
+    outs = []
+    for i in range(t // chunk):
+        lo, hi = i * chunk, (i + 1) * chunk
+        outs.append(attend(q[:, lo:hi], k[:, :hi], v[:, :hi], mask[:, lo:hi, :hi], dtype))
+    return jnp.concatenate(outs, axis=1)
+
+
 class _Base(nn.Module):
     config: ModelConfig
     lora_scale: Any = 1.0
@@ -220,7 +243,8 @@ class Attention(_Base):
             cv = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             k, v = ck, cv
             new_cache = (ck, cv)
-        o = attend(q, k, v, mask, self.dt)
+        # training / full-sequence path: the mask is causal by slot, so masked blocks can be skipped
+        o = attend(q, k, v, mask, self.dt) if cache is not None else attend_causal(q, k, v, mask, self.dt)
         o = self.dense(c.hidden_size, ("heads", "embed"), c.attention_out_bias, "o_proj")(o)
         return o, new_cache
 
