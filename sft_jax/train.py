@@ -366,7 +366,8 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
         lora=lora_cfg.enabled, n_lookup_params=n_lookup,
         n_lora_params=_count(trainable) if lora_cfg.enabled else 0,
     )
-    peak = metrics_lib.peak_flops_per_device(float(cfg.train.peak_flops), dtype=cfg.model.dtype)
+    # CPUs differ too much for a table: measure a jitted matmul once (accelerators: the device-kind table)
+    peak = metrics_lib.peak_flops_per_device(float(cfg.train.peak_flops), dtype=cfg.model.dtype, measure_cpu=True)
     mw = metrics_lib.MetricsWriter(workdir, is_main, total_steps=total_steps,
                                    resume_step=start_step if start_step > 0 else None)
     mw.write_run_info(cfg, extra={
