@@ -85,6 +85,17 @@ def _resize_vocab(params: dict, config, new_vocab: int):
     return params, config.replace(vocab_size=new_vocab)
 
 
+def _save_base(base_dir: pathlib.Path, model_config, params, tokenizer, is_main: bool) -> None:
+    """Write the base model the project made or resized (HF layout, with its tokenizer) to base_dir.
+    Call on every process: gathering sharded params to the host is a collective."""
+    from sft_jax.models import hf_io
+
+    host_params = _to_host(params)
+    if is_main:
+        hf_io.save_hf(str(base_dir), model_config, host_params)
+        tokenizer.save_pretrained(str(base_dir))
+
+
 def _count(tree) -> int:
     import jax
 
@@ -230,10 +241,7 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
             params = jax.jit(lambda r: llama.init_params(model_config, r), out_shardings=param_sh)(
                 jax.random.PRNGKey(cfg.train.seed + 1)
             )
-            host_params = _to_host(params)  # every process (multi-host: a collective)
-            if is_main:
-                hf_io.save_hf(str(base_dir), model_config, host_params)
-                tokenizer.save_pretrained(str(base_dir))
+            _save_base(base_dir, model_config, params, tokenizer, is_main)
             distributed.barrier("base_model")
         base_model = str(base_dir)
     else:
@@ -246,10 +254,7 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
                         len(added), added, len(tokenizer), base_dir)
         # the resized base is deterministic (mean-initialised rows): written once, reused on resume
         if not distributed.broadcast_from_main(int((base_dir / "config.json").exists())):
-            host_params = _to_host(params)  # every process (multi-host: a collective)
-            if is_main:
-                hf_io.save_hf(str(base_dir), model_config, host_params)
-                tokenizer.save_pretrained(str(base_dir))
+            _save_base(base_dir, model_config, params, tokenizer, is_main)
         distributed.barrier("resized_base")
         base_model = str(base_dir)
         axes = llama.param_logical_axes(model_config)
