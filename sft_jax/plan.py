@@ -113,7 +113,7 @@ def model_config_for(cfg, *, model_config: str | None = None, config_file: str |
     from sft_jax.models.config import ModelConfig
 
     policy = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
-                  remat=cfg.model.remat)
+                  remat=cfg.model.remat, attention=cfg.model.attention, attention_block=cfg.model.attention_block)
     candidates = [model_config, cfg.model.path or None, _config_module_shapes(config_file)]
     for c in candidates:
         if not c:

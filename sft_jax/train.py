@@ -39,7 +39,7 @@ def _setup_compilation_cache() -> None:
 
 def _model_policy(cfg) -> dict:
     return dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
-                remat=cfg.model.remat)
+                remat=cfg.model.remat, attention=cfg.model.attention, attention_block=cfg.model.attention_block)
 
 
 def _prepare_tiny(cfg, workdir: pathlib.Path, is_main: bool):

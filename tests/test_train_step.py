@@ -206,7 +206,9 @@ def test_lora_b0_equals_base_and_only_adapters_train(params, batch4):
     new, st, m = run_step(tr, params, batch4)
     base = cross_entropy_sums(llama.forward(params, CFG, batch4["inputs"], batch4["positions"],
                                             batch4["segment_ids"]), batch4["targets"], batch4["loss_mask"])
-    assert m["loss"] == float(base["loss_sum"] / base["tokens"])  # exact: x A B with B = 0 adds exact zeros
+    # x A B with B = 0 adds exact zeros; the two programs (eager forward vs the jitted train step)
+    # may still round the attention's online softmax differently in the last bit
+    assert abs(m["loss"] - float(base["loss_sum"] / base["tokens"])) <= 2e-7 * abs(m["loss"])
     assert m["trainable_tokens"] == float(batch4["loss_mask"].sum())
     assert jax.tree.structure(new) == jax.tree.structure(tr)  # gradients/updates only for A and B
     leaves = jax.tree_util.tree_leaves_with_path(new)

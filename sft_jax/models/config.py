@@ -77,6 +77,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: str = "none"  # none | full | save_dots
+    # training-path attention: "flash" (block-sparse online softmax, skips causal-upper and
+    # cross-segment blocks, models/attention.py) | "dense" (the [B,H,T,T] reference)
+    attention: str = "flash"
+    attention_block: int = 0  # flash block size; 0 = chosen from batch, heads and length
     # Unmanaged config.json fields, written back by to_hf (not part of hash/eq).
     hf_extra: dict | None = dataclasses.field(default=None, compare=False)
 
@@ -91,6 +95,10 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} not divisible by num_kv_heads={self.num_kv_heads}")
         if self.remat not in ("none", "full", "save_dots"):
             raise ValueError(f"remat must be none|full|save_dots, got {self.remat!r}")
+        if self.attention not in ("flash", "dense"):
+            raise ValueError(f"attention must be flash|dense, got {self.attention!r}")
+        if self.attention_block < 0 or (self.attention_block and self.attention_block % 16):
+            raise ValueError(f"attention_block must be 0 (auto) or a positive multiple of 16, got {self.attention_block}")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{f} must be float32|bfloat16|float16, got {getattr(self, f)!r}")

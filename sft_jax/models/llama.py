@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sft_jax.models.attention import segment_attention
 from sft_jax.models.config import ModelConfig
 
 Array = Any
@@ -243,8 +244,15 @@ class Attention(_Base):
             cv = lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
             k, v = ck, cv
             new_cache = (ck, cv)
-        # training / full-sequence path: the mask is causal by slot, so masked blocks can be skipped
-        o = attend(q, k, v, mask, self.dt) if cache is not None else attend_causal(q, k, v, mask, self.dt)
+        if cache is not None:
+            o = attend(q, k, v, mask, self.dt)
+        elif c.attention == "flash":
+            # training path: block-sparse causal + segment attention, [B,H,T,T] never materialised
+            seg, pos = mask
+            o = segment_attention(q, k, v, seg, pos, dtype=self.dt, sliding_window=c.sliding_window,
+                                  block=c.attention_block)
+        else:
+            o = attend_causal(q, k, v, mask, self.dt)
         o = self.dense(c.hidden_size, ("heads", "embed"), c.attention_out_bias, "o_proj")(o)
         return o, new_cache
 
@@ -292,7 +300,9 @@ class Llama(_Base):
         positions = positions.astype(jnp.int32)
         seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         cache_index = None
-        if cache is None:
+        if cache is None and c.attention == "flash":
+            mask = (seg, positions)  # the attention builds its mask block by block
+        elif cache is None:
             idx = jnp.arange(t)
             mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0) & (idx[:, None] >= idx[None, :])
             if c.sliding_window is not None:
