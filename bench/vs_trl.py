@@ -437,40 +437,6 @@ def run_trl(trainer, clock, steps, B) -> dict:
 # --------------------------------------------------------------------------------------------
 # sft_jax side
 # --------------------------------------------------------------------------------------------
-def attend_causal_chunks(q, k, v, mask, dtype, chunk: int = 128):
-    """EXPERIMENT (a proposal for sft_jax.models.llama.attend, patched in only with --jax-attend
-    causal_chunks): query chunk i attends to key chunks 0..i only, so the causal upper-right blocks
-    of the T x T scores are never computed. Same math, same mask; static slices, autodiff backward."""
-    import jax
-    import jax.numpy as jnp
-
-    from sft_jax.models import llama
-
-    b, t, h, hd = q.shape
-    kv = k.shape[2]
-    if t % chunk or t <= chunk:
-        return llama._bench_orig_attend(q, k, v, mask, dtype)
-    q = q.reshape(b, t, kv, h // kv, hd)
-    outs = []
-    for i in range(t // chunk):
-        lo, hi = i * chunk, (i + 1) * chunk
-        s = jnp.einsum("btkgd,bskd->bkgts", q[:, lo:hi], k[:, :hi].astype(q.dtype),
-                       preferred_element_type=jnp.float32) * (hd**-0.5)
-        s = jnp.where(mask[:, None, None, lo:hi, :hi], s, llama._NEG)
-        p = jax.nn.softmax(s, axis=-1)
-        outs.append(jnp.einsum("bkgts,bskd->btkgd", p.astype(dtype), v[:, :hi].astype(dtype),
-                               preferred_element_type=jnp.float32))
-    return jnp.concatenate(outs, axis=1).astype(dtype).reshape(b, t, h * hd)
-
-
-def patch_attend(name: str) -> None:
-    from sft_jax.models import llama
-
-    if not hasattr(llama, "_bench_orig_attend"):
-        llama._bench_orig_attend = llama.attend
-    llama.attend = {"default": llama._bench_orig_attend, "causal_chunks": attend_causal_chunks}[name]
-
-
 def tokenization_check(tok, convs) -> str:
     """sft_jax's template+mask encoder vs the HF/TRL one (apply_chat_template with assistant masks)."""
     from sft_jax.data import masking, templates
@@ -691,9 +657,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precisions", default="f32", help="comma list of f32,bf16 (bf16: TRL bf16=True autocast, "
                     "sft_jax model.dtype=bfloat16 with float32 params; ratio to the bf16 matmul peak)")
-    ap.add_argument("--jax-attend", default="default", choices=["default", "causal_chunks"],
-                    help="EXPERIMENT: swap sft_jax's attention for a proposed variant (see attend_causal_chunks)")
-    ap.add_argument("--jax-policy", default="", help="extra sft_jax model policy, e.g. scan_layers=1,remat=full")
+    ap.add_argument("--jax-policy", default="", help="extra sft_jax model policy, e.g. scan_layers=1,remat=full,"
+                    "attention=dense,attention_block=64")
     a = ap.parse_args(argv)
 
     if a.toy:
@@ -721,7 +686,7 @@ def main(argv=None):
     jax_policy = {}
     for kv in filter(None, a.jax_policy.split(",")):
         k, v = kv.split("=")
-        jax_policy[k] = bool(int(v)) if k == "scan_layers" else v
+        jax_policy[k] = bool(int(v)) if k == "scan_layers" else int(v) if v.isdigit() else v
 
     info = machine_info()
     log(f"# bench/vs_trl.py {' '.join(sys.argv[1:])}")
@@ -738,16 +703,13 @@ def main(argv=None):
     why_not = sft_jax_available() if "sft_jax" in sides else "not requested"
     if why_not:
         log(f"# sft_jax side unavailable: {why_not}")
-    elif a.jax_attend != "default":
-        patch_attend(a.jax_attend)
-        log(f"# EXPERIMENT: sft_jax attention replaced by bench/vs_trl.py:attend_{a.jax_attend}")
     if jax_policy:
         log(f"# sft_jax policy: {jax_policy}")
 
     convs, source = load_conversations(n_ex, seed=a.seed)
     log(f"# data: {source}, {len(convs)} conversations; B={B} rows x T={T}, {steps} steps, {reps} reps")
     results = {"machine": info, "peak_flops": peak, "data": source, "B": B, "T": T, "steps": steps,
-               "reps": reps, "peak_samples": [dict(peak)], "jax_policy": jax_policy, "jax_attend": a.jax_attend, "argv": sys.argv[1:], "rows": []}
+               "reps": reps, "peak_samples": [dict(peak)], "jax_policy": jax_policy, "argv": sys.argv[1:], "rows": []}
     work = Path(tempfile.mkdtemp(prefix="bench_vs_trl_"))
     for size_name in sizes:
         size = SIZES[size_name]

@@ -128,13 +128,13 @@ def _sharding_for(shardings, path):
 
 
 def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32", shardings=None,
-            scan_layers: bool = False, remat: str = "none") -> tuple[ModelConfig, dict]:
+            scan_layers: bool = False, remat: str = "none", **policy) -> tuple[ModelConfig, dict]:
     """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3 directory -> (ModelConfig, params).
 
     `shardings`: None (default device), a tree of `jax.sharding.Sharding` with the params'
     structure, or a callable `path_tuple -> Sharding` (path like ('layers_0','attn','q_proj','kernel')).
     """
-    config = read_config(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
+    config = read_config(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, **policy)
     files = _weight_files(path)
     mapping = param_mapping(config)
     expected = {n for _, names, _ in mapping for n in names}
