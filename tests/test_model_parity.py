@@ -205,12 +205,16 @@ def _lora_tree(params, rank, rng, scanned):
     return {k: v for k, v in tree.items() if v}
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_lora_collection_equals_merged_weights(build, scan):
-    """forward(lora=...) == forward with W + scale * A @ B merged; dropout path runs; grads flow."""
+@pytest.mark.parametrize("scan,up_only", [(False, False), (True, False), (False, True)])
+def test_lora_collection_equals_merged_weights(build, scan, up_only):
+    """forward(lora=...) == forward with W + scale * A @ B merged; dropout path runs; grads flow.
+    `up_only`: the MLP's fused gate/up dot with an adapter on one of the two."""
     _, path, _ = build("qwen2")
     config, params = load_hf(path, scan_layers=scan, remat="full" if scan else "none")
     lora = _lora_tree(params, 4, np.random.default_rng(0), scan)
+    if up_only:
+        for layer in lora.values():
+            del layer["mlp"]["gate_proj"]
     assert "q_proj" in lora["layers" if scan else "layers_0"]["attn"]
     scale = 0.5
     merged = jax.tree.map(lambda x: x, params)
@@ -233,8 +237,9 @@ def test_lora_collection_equals_merged_weights(build, scan):
 
     l1, g = jax.jit(jax.value_and_grad(loss))(lora, jax.random.PRNGKey(0))
     assert np.isfinite(float(l1))
-    gq = g["layers" if scan else "layers_0"]["attn"]["q_proj"]
-    assert float(jnp.abs(gq["A"]).max()) > 0 and float(jnp.abs(gq["B"]).max()) > 0
+    for mod, name in (("attn", "q_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
+        gq = g["layers" if scan else "layers_0"][mod][name]
+        assert float(jnp.abs(gq["A"]).max()) > 0 and float(jnp.abs(gq["B"]).max()) > 0
 
 
 def test_hidden_noise_and_lm_head_kernel(build):

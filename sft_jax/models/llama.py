@@ -124,6 +124,8 @@ class Dense(nn.Module):
     lora_dropout: float = 0.0
     deterministic: bool = True
 
+    weights_only: bool = False  # return (kernel, bias, lora A/B) instead of applying them
+
     @nn.compact
     def __call__(self, x):
         kernel = self.param(
@@ -132,7 +134,7 @@ class Dense(nn.Module):
             (x.shape[-1], self.features),
             self.param_dtype,
         )
-        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+        b = None
         if self.use_bias:
             b = self.param(
                 "bias",
@@ -140,73 +142,131 @@ class Dense(nn.Module):
                 (self.features,),
                 self.param_dtype,
             )
-            y = y + b.astype(self.dtype)
+        ab = None
         if self.has_variable("lora", "A"):
-            a = self.get_variable("lora", "A")
-            bm = self.get_variable("lora", "B")
-            h = x
-            if not self.deterministic and self.lora_dropout > 0:
-                h = nn.Dropout(rate=self.lora_dropout, rng_collection="dropout")(h, deterministic=False)
-            y = y + lora_delta(h.astype(self.dtype), a.astype(self.dtype), bm.astype(self.dtype),
-                               float(self.lora_scale)).astype(self.dtype)
+            ab = (self.get_variable("lora", "A"), self.get_variable("lora", "B"))
+        if self.weights_only:
+            return kernel, b, ab
+        dt = self.dtype
+        if ab is None:
+            y = matmul(x.astype(dt), kernel.astype(dt))
+        else:
+            y = lora_matmul(x.astype(dt), _lora_ha(x, ab[0], self), kernel.astype(dt), ab[1].astype(dt),
+                            float(self.lora_scale))
+        if b is not None:
+            y = y + b.astype(dt)
         return y
+
+
+def _lora_ha(x, a, mod):
+    """`dropout(x) @ A` in the compute dtype; called from `mod`'s compact method (the dropout layer
+    is created there)."""
+    h = x
+    if not mod.deterministic and mod.lora_dropout > 0:
+        h = nn.Dropout(rate=mod.lora_dropout, rng_collection="dropout")(h, deterministic=False)
+    dt = jnp.dtype(mod.dtype) if isinstance(mod, Dense) else mod.dt
+    return jnp.dot(h.astype(dt), a.astype(dt))
 
 
 _TOKENS = (((0,), (0,)), ((), ()))  # dot_general: contract the leading (token) dims
 
 
+def _dot(x, w):
+    """x [..., in] . w [in, *out] -> [..., *out]."""
+    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _wgrad(x, dy, out_nd):
+    """sum over tokens of x (x) dy: x [..., in], dy [..., *out] -> [in, *out], both as token-major
+    operands contracted over their leading dim."""
+    out_shape = dy.shape[dy.ndim - out_nd:]
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(x2.shape[0], *out_shape)
+    # like autodiff, the result has the inputs' dtype (XLA:CPU has no bf16 x bf16 -> f32 for every dot)
+    return lax.dot_general(x2, dy2, _TOKENS)
+
+
+def _dgrad(dy, w):
+    """dy [..., *out] . w [in, *out]^T -> [..., in]."""
+    out_nd = w.ndim - 1
+    dims = tuple(range(dy.ndim - out_nd, dy.ndim)), tuple(range(1, w.ndim))
+    return lax.dot_general(dy, w, (dims, ((), ())))
+
+
 @jax.custom_vjp
 def matmul(x: Array, w: Array) -> Array:
-    """`x @ w` (x [..., in], w [in, out]) with a hand-written backward whose weight gradient is
+    """`x @ w` (x [..., in], w [in, *out]) with a hand-written backward whose weight gradient is
     `dot_general(x2d, dy2d)` over the token dim. Autodiff's version lets XLA:CPU lay the [tokens,
     out] output gradient out transposed, written with a stride by the (e.g. SiLU-backward) fusion
     that produces it: ~0.4 s of a 3.8 s full fine-tuning step on a 31M model (bench/README.md)."""
-    return jnp.dot(x, w)
+    return _dot(x, w)
 
 
 def _matmul_fwd(x, w):
-    return jnp.dot(x, w), (x, w)
+    return _dot(x, w), (x, w)
 
 
 def _matmul_bwd(res, dy):
     x, w = res
-    dy2 = dy.reshape(-1, w.shape[1])
-    dw = lax.dot_general(x.reshape(-1, w.shape[0]), dy2, _TOKENS, preferred_element_type=F32)
-    dx = jnp.dot(dy2, w.T).reshape(x.shape)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    dw = _wgrad(x, dy, w.ndim - 1)
+    return _dgrad(dy, w).astype(x.dtype), dw.astype(w.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lora_delta(h: Array, a: Array, b: Array, scale: float) -> Array:
-    """`scale * (h @ A) @ B` with a hand-written backward. Autodiff's gradient of B contracts the
-    [tokens, out] output gradient over tokens, and XLA:CPU lays that operand out transposed
-    ([out, tokens], written with a stride by the fusion that produces it): ~25% of a LoRA step on
-    a 31M model. Here every gradient dot keeps tokens-major operands and only the small [out, r]
-    result is transposed."""
-    return jnp.dot(jnp.dot(h, a), b) * jnp.asarray(scale, h.dtype)
+@jax.custom_vjp
+def swiglu(gu: Array) -> Array:
+    """silu(g) * u for g, u = gu[..., 0, :], gu[..., 1, :]: one fused pass forward; the backward
+    recomputes from gu and writes the [..., 2, I] cotangent in one pass (float32 math)."""
+    g, u = gu[..., 0, :].astype(F32), gu[..., 1, :].astype(F32)
+    return (g * jax.nn.sigmoid(g) * u).astype(gu.dtype)
 
 
-def _lora_delta_fwd(h, a, b, scale):
-    ha = jnp.dot(h, a)
-    return jnp.dot(ha, b) * jnp.asarray(scale, h.dtype), (h, a, b, ha)
+def _swiglu_fwd(gu):
+    return swiglu(gu), gu
 
 
-def _lora_delta_bwd(scale, res, dy):
-    h, a, b, ha = res
-    n_in, r = a.shape
-    dys = (dy * jnp.asarray(scale, dy.dtype)).reshape(-1, b.shape[1])
-    ha2 = ha.reshape(-1, r)
-    db = lax.dot_general(dys, ha2, _TOKENS, preferred_element_type=F32).T  # [out, r] -> [r, out]
-    dha = jnp.dot(dys, b.T)  # [tokens, r]
-    da = lax.dot_general(h.reshape(-1, n_in), dha, _TOKENS, preferred_element_type=F32)  # [in, r]
-    dh = jnp.dot(dha, a.T).reshape(h.shape)
-    return dh.astype(h.dtype), da.astype(a.dtype), db.astype(b.dtype)
+def _swiglu_bwd(gu, dh):
+    g, u = gu[..., 0, :].astype(F32), gu[..., 1, :].astype(F32)
+    sg = jax.nn.sigmoid(g)
+    d = dh.astype(F32)
+    dgu = jnp.stack([d * u * sg * (1.0 + g * (1.0 - sg)), d * g * sg], axis=-2)
+    return (dgu.astype(gu.dtype),)
 
 
-lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lora_matmul(x: Array, ha: Array, w: Array, b: Array, scale: float) -> Array:
+    """`x @ w + scale * ha @ b` (x [..., in], ha = dropout(x) @ A [..., r], w [in, *out],
+    b [r, *out]) as ONE dot: `[x | ha] @ [w ; scale * b]`. The rank-r product alone is an
+    output-bound dot (K = r) that cost as much as the main one on XLA:CPU; folded in, it adds r to K.
+    The backward is one dot for [dx | d(ha)] and token-major weight-gradient dots (the base weight's
+    is dropped by XLA when the base is frozen)."""
+    return _dot(jnp.concatenate([x, ha], axis=-1), _wcat(w, b, scale))
+
+
+def _wcat(w, b, scale):
+    return jnp.concatenate([w, b * jnp.asarray(scale, b.dtype)], axis=0)
+
+
+def _lora_matmul_fwd(x, ha, w, b, scale):
+    return lora_matmul(x, ha, w, b, scale), (x, ha, w, b)
+
+
+def _lora_matmul_bwd(scale, res, dy):
+    x, ha, w, b = res
+    d = _dgrad(dy, _wcat(w, b, scale))
+    n_in = x.shape[-1]
+    dx, dha = d[..., :n_in], d[..., n_in:]
+    dw = _wgrad(x, dy, w.ndim - 1)
+    db = _wgrad(ha, dy, b.ndim - 1) * scale
+    return dx.astype(x.dtype), dha.astype(ha.dtype), dw.astype(w.dtype), db.astype(b.dtype)
+
+
+lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
@@ -258,7 +318,7 @@ class _Base(nn.Module):
     def pdt(self):
         return jnp.dtype(self.config.param_dtype)
 
-    def dense(self, features, axes, use_bias, name):
+    def dense(self, features, axes, use_bias, name, weights_only=False):
         return Dense(
             features,
             axes,
@@ -268,6 +328,7 @@ class _Base(nn.Module):
             lora_scale=self.lora_scale,
             lora_dropout=self.lora_dropout,
             deterministic=self.deterministic,
+            weights_only=weights_only,
             name=name,
         )
 
@@ -318,9 +379,30 @@ class Mlp(_Base):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        g = self.dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj")(x)
-        u = self.dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj")(x)
-        h = _wlc(nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
+        # gate and up as one [D, 2I] matmul (one dot forward, one for the input gradient):
+        # columns interleaved (g0 u0 g1 u1 ...) so a sharding of I stays a sharding of 2I
+        gate = self.dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj", weights_only=True)
+        up = self.dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj", weights_only=True)
+        (kg, bg, lg), (ku, bu, lu) = gate(x), up(x)
+        n, dt = c.intermediate_size, self.dt
+        # gate and up as one [D, 2, I] matmul (one dot forward, one for the input gradient); with
+        # LoRA, both adapters ride in the same dot: [x | x A_g | x A_u] @ [W ; B_g 0 ; 0 B_u]
+        w = jnp.stack([kg.astype(dt), ku.astype(dt)], axis=1)
+        if lg is None and lu is None:
+            gu = matmul(x.astype(dt), w)  # [..., 2, I]
+        else:
+            has, rows = [], []
+            for ab, slot in ((lg, 0), (lu, 1)):
+                if ab is not None:
+                    has.append(_lora_ha(x, ab[0], self))
+                    zero = jnp.zeros_like(ab[1], dt)
+                    rows.append(jnp.stack([ab[1].astype(dt), zero] if slot == 0 else [zero, ab[1].astype(dt)],
+                                          axis=1))
+            gu = lora_matmul(x.astype(dt), jnp.concatenate(has, axis=-1), w, jnp.concatenate(rows, axis=0),
+                             float(self.lora_scale))
+        if bg is not None:
+            gu = gu + jnp.stack([bg.astype(dt), bu.astype(dt)], axis=0)
+        h = _wlc(swiglu(gu), ("act_batch", "act_length", "act_mlp"))
         return self.dense(c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")(h)
 
 
