@@ -307,11 +307,12 @@ def suggest(cfg, mc, mesh, mem, state, usable, lora: bool) -> list[str]:
     if s["tensor"] == 1 and mc.num_kv_heads > 1:
         t = math.gcd(mc.num_kv_heads, n)
         out.append(f"--config.mesh.tensor={t} --config.mesh.fsdp=-1 --config.train.micro_batches={m * t}: shard "
-                   f"heads/MLP (and the [heads, T, T] attention scores) over {t} devices, same rows per device")
-    if T > 1024:
+                   f"heads/MLP over {t} devices, same rows per device")
+    if T > 1024 and mc.attention == "dense":
+        out.append("--config.model.attention=flash: block-sparse attention without the [heads, T, T] scores")
+    elif T > 1024:
         out.append(f"--config.data.max_length={T // 2} --config.train.batch_size={B * 2} "
-                   f"--config.train.micro_batches={m * 2}: dense attention's [heads, T, T] scores grow with T^2 "
-                   f"(a flash/splash kernel is future work); same tokens per step")
+                   f"--config.train.micro_batches={m * 2}: shorter rows, same tokens per step")
     if not lora:
         out.append("--config.lora.rank=16 (LoRA): no gradients/optimizer state for the base, bf16 base weights")
     elif cfg.model.param_dtype == "float32":
