@@ -19,11 +19,16 @@ import jax.numpy as jnp
 def _token_terms(logits, targets, z_loss: float):
     """Per-token (ce + z-loss term, ce, correct) from float32 logits [..., V]."""
     logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    # one max and one sum over V (jnp.argmax is a variadic (value, index) reduce that XLA:CPU runs
+    # ~10x slower than a plain max: 68 ms of a 2.6 s step at V 8000); a token counts as correct
+    # when its target's logit is the maximum (argmax, except that a tie also counts)
+    mx = jnp.max(logits, axis=-1)
+    m = jax.lax.stop_gradient(mx)
+    lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     ce = lse - target_logit
     total = ce + z_loss * jnp.square(lse) if z_loss else ce
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (jax.lax.stop_gradient(target_logit) >= m).astype(jnp.float32)
     return total, ce, correct
 
 

@@ -84,23 +84,23 @@ def _sl(x, start, size, axis):
     return lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _fwd_impl(q, k, v, seg, pos, c, window, dtype):
-    # q [B, KV, T, G, hd]; k, v [B, KV, T, hd]
-    b, kvh, t, g, hd = q.shape
-    nb = t // c
+def _fwd_impl(q, k, v, seg, pos, window, dtype):
+    # block-major layout: q [nb, B, KV, c, G, hd]; k, v [nb, B, KV, c, hd] (a block is q[i]: a
+    # contiguous slice, no strided copy per visited pair)
+    nb, b, kvh, c, g, hd = q.shape
     scale = hd**-0.5
     kv_lo, _ = _pair_bounds(seg, nb, c)
 
     def q_block(i, carry):
         out, lse = carry
         lo = i * c
-        qi = _sl(q, lo, c, 2)
+        qi = q[i]
         sq, pq = _sl(seg, lo, c, 1), _sl(pos, lo, c, 1)
 
         def kv_block(j, st):
             m, l, acc = st
             lk = j * c
-            kj, vj = _sl(k, lk, c, 2), _sl(v, lk, c, 2)
+            kj, vj = k[j], v[j]
             msk = _mask(sq, _sl(seg, lk, c, 1), pq, _sl(pos, lk, c, 1), lo, lk, window)[:, None, :, None, :]
             s = jnp.einsum("bkqgd,bksd->bkqgs", qi, kj, preferred_element_type=F32) * scale
             s = jnp.where(msk, s, _NEG)
@@ -118,69 +118,62 @@ def _fwd_impl(q, k, v, seg, pos, c, window, dtype):
         ok = l > 0
         o = acc / jnp.where(ok, l, 1.0)[..., None]
         lse_i = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), 0.0)
-        out = lax.dynamic_update_slice_in_dim(out, o.astype(dtype), lo, 2)
-        lse = lax.dynamic_update_slice_in_dim(lse, lse_i, lo, 2)
-        return out, lse
+        return out.at[i].set(o.astype(dtype)), lse.at[i].set(lse_i)
 
     out = jnp.zeros(q.shape, dtype)
-    lse = jnp.zeros((b, kvh, t, g), F32)
+    lse = jnp.zeros(q.shape[:-1], F32)
     return lax.fori_loop(0, nb, q_block, (out, lse))
 
 
-def _bwd_impl(q, k, v, seg, pos, out, lse, dout, c, window, dtype):
-    b, kvh, t, g, hd = q.shape
-    nb = t // c
+def _bwd_impl(q, k, v, seg, pos, out, lse, dout, window, dtype):
+    nb, b, kvh, c, g, hd = q.shape
     scale = hd**-0.5
     _, q_hi = _pair_bounds(seg, nb, c)
     # D_i = rowsum(dO * O)
-    dsum = jnp.sum(dout.astype(F32) * out.astype(F32), axis=-1)  # [B, KV, T, G]
+    dsum = jnp.sum(dout.astype(F32) * out.astype(F32), axis=-1)  # [nb, B, KV, c, G]
 
     def k_block(j, carry):
         dq, dk, dv = carry
         lk = j * c
-        kj, vj = _sl(k, lk, c, 2), _sl(v, lk, c, 2)
+        kj, vj = k[j], v[j]
         sk, pk = _sl(seg, lk, c, 1), _sl(pos, lk, c, 1)
 
         def q_block(i, st):
             dq, dkj, dvj = st
             lo = i * c
-            qi, doi = _sl(q, lo, c, 2), _sl(dout, lo, c, 2)
+            qi, doi = q[i], dout[i]
             msk = _mask(_sl(seg, lo, c, 1), sk, _sl(pos, lo, c, 1), pk, lo, lk, window)[:, None, :, None, :]
             s = jnp.einsum("bkqgd,bksd->bkqgs", qi, kj, preferred_element_type=F32) * scale
-            p = jnp.where(msk, jnp.exp(s - _sl(lse, lo, c, 2)[..., None]), 0.0)
+            p = jnp.where(msk, jnp.exp(s - lse[i][..., None]), 0.0)
             dp = jnp.einsum("bkqgd,bksd->bkqgs", doi, vj, preferred_element_type=F32)
-            ds = p * (dp - _sl(dsum, lo, c, 2)[..., None]) * scale
+            ds = p * (dp - dsum[i][..., None]) * scale
             dvj = dvj + jnp.einsum("bkqgs,bkqgd->bksd", p.astype(dtype), doi, preferred_element_type=F32)
             dkj = dkj + jnp.einsum("bkqgs,bkqgd->bksd", ds.astype(dtype), qi, preferred_element_type=F32)
-            dqi = _sl(dq, lo, c, 2) + jnp.einsum("bkqgs,bksd->bkqgd", ds.astype(dtype), kj,
-                                                  preferred_element_type=F32)
-            dq = lax.dynamic_update_slice_in_dim(dq, dqi, lo, 2)
+            dq = dq.at[i].add(jnp.einsum("bkqgs,bksd->bkqgd", ds.astype(dtype), kj, preferred_element_type=F32))
             return dq, dkj, dvj
 
         z = jnp.zeros((b, kvh, c, hd), F32)
         dq, dkj, dvj = lax.fori_loop(j, q_hi[j] + 1, q_block, (dq, z, z))
-        dk = lax.dynamic_update_slice_in_dim(dk, dkj, lk, 2)
-        dv = lax.dynamic_update_slice_in_dim(dv, dvj, lk, 2)
-        return dq, dk, dv
+        return dq, dk.at[j].set(dkj), dv.at[j].set(dvj)
 
     init = (jnp.zeros(q.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
     dq, dk, dv = lax.fori_loop(0, nb, k_block, init)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attn(q, k, v, seg, pos, c, window, dtype):
-    return _fwd_impl(q, k, v, seg, pos, c, window, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attn(q, k, v, seg, pos, window, dtype):
+    return _fwd_impl(q, k, v, seg, pos, window, dtype)[0]
 
 
-def _attn_fwd(q, k, v, seg, pos, c, window, dtype):
-    out, lse = _fwd_impl(q, k, v, seg, pos, c, window, dtype)
+def _attn_fwd(q, k, v, seg, pos, window, dtype):
+    out, lse = _fwd_impl(q, k, v, seg, pos, window, dtype)
     return out, (q, k, v, seg, pos, out, lse)
 
 
-def _attn_bwd(c, window, dtype, res, dout):
+def _attn_bwd(window, dtype, res, dout):
     q, k, v, seg, pos, out, lse = res
-    dq, dk, dv = _bwd_impl(q, k, v, seg, pos, out, lse, dout, c, window, dtype)
+    dq, dk, dv = _bwd_impl(q, k, v, seg, pos, out, lse, dout, window, dtype)
     z = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  (integer inputs)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), z(seg), z(pos)
 
@@ -194,12 +187,14 @@ def segment_attention(q, k, v, segment_ids, positions, *, dtype, sliding_window=
     kvh = k.shape[2]
     g = h // kvh
     c = block_size(b, h, t, block)
-    qh = q.astype(dtype).reshape(b, t, kvh, g, hd).transpose(0, 2, 1, 3, 4)  # [B,KV,T,G,hd]
-    kh = k.astype(dtype).transpose(0, 2, 1, 3)
-    vh = v.astype(dtype).transpose(0, 2, 1, 3)
-    o = _attn(qh, kh, vh, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), c,
-              sliding_window, jnp.dtype(dtype))
-    return o.transpose(0, 2, 1, 3, 4).reshape(b, t, h * hd)
+    nb = t // c
+    # block-major layouts [nb, B, KV, c, ...]
+    qh = q.astype(dtype).reshape(b, nb, c, kvh, g, hd).transpose(1, 0, 3, 2, 4, 5)
+    kh = k.astype(dtype).reshape(b, nb, c, kvh, hd).transpose(1, 0, 3, 2, 4)
+    vh = v.astype(dtype).reshape(b, nb, c, kvh, hd).transpose(1, 0, 3, 2, 4)
+    o = _attn(qh, kh, vh, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), sliding_window,
+              jnp.dtype(dtype))
+    return o.transpose(1, 0, 3, 2, 4, 5).reshape(b, t, h * hd)
 
 
 def visited_pairs(segment_ids, block: int) -> tuple[int, int]:

@@ -86,15 +86,70 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv
 
 
+def rope_tables(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """(cos, sin) [B, T, 1, hd/2] float32 for positions [B, T], computed once per forward pass and
+    shared by every layer. They are evaluated inside a `lax.cond` whose predicate XLA cannot fold:
+    the conditional is a fusion boundary, so XLA cannot duplicate the cos/sin evaluation into each
+    consumer (it did, recomputing them per head in every layer's q/k fusions, forward and backward;
+    `optimization_barrier` does not stop it on CPU)."""
+    inv = jnp.asarray(inv_freq, F32)
+
+    def tables(p):
+        freqs = p.astype(F32)[..., None] * inv  # [B, T, hd/2]
+        return jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
+
+    always = jnp.min(positions, initial=0) > jnp.iinfo(jnp.int32).min  # true, but not a constant
+    return lax.cond(always, tables, tables, positions)
+
+
 def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray, dtype) -> Array:
     """Rotate-half RoPE (the Hugging Face layout). x [B, T, N, hd], positions [B, T]."""
-    freqs = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)  # [B, T, hd/2]
-    cos = jnp.cos(freqs)[:, :, None, :]
-    sin = jnp.sin(freqs)[:, :, None, :]
-    x = x.astype(F32)
+    cos, sin = rope_tables(positions, inv_freq)
+    return _rope(x.astype(F32), cos, sin).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _split_qkv(qkv, g):
+    """[B, T, KV, G+2, hd] -> q [B, T, KV, G, hd], k, v [B, T, KV, hd]; the backward writes the
+    fused cotangent with one concatenation (autodiff's: three pads and two adds)."""
+    return qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
+
+
+def _split_qkv_fwd(qkv, g):
+    return _split_qkv(qkv, g), None
+
+
+def _split_qkv_bwd(g, _, cts):
+    dq, dk, dv = cts
+    return (jnp.concatenate([dq, dk[:, :, :, None], dv[:, :, :, None]], axis=3),)
+
+
+_split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
+
+
+@jax.custom_vjp
+def _rope(x, cos, sin):
+    """Rotate the (x1, x2) halves of the last dim by the angles whose cos/sin are given (float32).
+    The backward is the inverse rotation, written as one pass (autodiff's version pads and adds
+    the two half-slices' cotangents); cos/sin get no gradient (they come from integer positions)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _rope_fwd(x, cos, sin):
+    return _rope(x, cos, sin), (cos, sin)
+
+
+def _rope_bwd(res, dy):
+    cos, sin = res
+    half = dy.shape[-1] // 2
+    d1, d2 = dy[..., :half], dy[..., half:]
+    dx = jnp.concatenate([d1 * cos + d2 * sin, d2 * cos - d1 * sin], axis=-1)
+    return dx, jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 # ------------------------------------------------------------------ layers
@@ -348,25 +403,60 @@ class _Base(nn.Module):
     def norm(self, name):
         return RMSNorm(self.config.rms_norm_eps, dtype=self.dt, param_dtype=self.pdt, name=name)
 
+    def fused(self, x, parts, shapes, axis):
+        """Several projections of the same input as ONE matmul (one dot forward, one for the input
+        gradient, one token-major weight-gradient dot): part i's kernel [D, out_i] is viewed as
+        [D, *shapes[i]] and the parts are concatenated along `axis` of those out shapes (the
+        shapes agree elsewhere). With LoRA, every adapter rides in the same dot:
+        `[x | x A_1 | x A_2 ..] @ [W ; B_1 0 .. ; 0 B_2 ..]`. `parts` are `Dense(weights_only=True)`
+        results (kernel, bias, (A, B) or None). Returns y [..., *fused out shape] in the compute dtype.
+        Concatenating along a per-head / per-feature axis keeps a sharding of the heads (or of the
+        MLP features) a sharding of the fused output."""
+        dt = self.dt
+        d = x.shape[-1]
+        cat = lambda xs, lead: jnp.concatenate(xs, axis=lead + axis)  # noqa: E731
+        w = cat([k.astype(dt).reshape(d, *sh) for (k, _, _), sh in zip(parts, shapes)], 1)
+        if all(ab is None for _, _, ab in parts):
+            y = matmul(x.astype(dt), w)
+        else:
+            has, rows = [], []
+            for i, (_, _, ab) in enumerate(parts):
+                if ab is None:
+                    continue
+                has.append(_lora_ha(x, ab[0], self))
+                r = ab[1].shape[0]
+                rows.append(cat([ab[1].astype(dt).reshape(r, *sh) if j == i else jnp.zeros((r, *sh), dt)
+                                 for j, sh in enumerate(shapes)], 1))
+            y = lora_matmul(x.astype(dt), jnp.concatenate(has, axis=-1), w, jnp.concatenate(rows, axis=0),
+                            float(self.lora_scale))
+        if any(bias is not None for _, bias, _ in parts):
+            y = y + cat([jnp.zeros(sh, dt) if bias is None else bias.astype(dt).reshape(sh)
+                         for (_, bias, _), sh in zip(parts, shapes)], 0)
+        return y
+
 
 class Attention(_Base):
     @nn.compact
-    def __call__(self, x, positions, mask, cache_index=None, cache=None):
+    def __call__(self, x, rope, mask, cache_index=None, cache=None):
+        """x [B, T, D]; rope = `rope_tables(positions, ...)`; mask as built by `Llama`."""
         c = self.config
         b, t, _ = x.shape
         hd = c.head_dim
-        q = self.dense(c.num_heads * hd, ("embed", "heads"), c.attention_bias, "q_proj")(x)
-        k = self.dense(c.num_kv_heads * hd, ("embed", "kv_heads"), c.attention_bias, "k_proj")(x)
-        v = self.dense(c.num_kv_heads * hd, ("embed", "kv_heads"), c.attention_bias, "v_proj")(x)
+        kvh, g = c.num_kv_heads, c.num_heads // c.num_kv_heads
+        # q, k and v as one matmul over [D, KV, G+2, hd]: per KV head its G query heads, then its
+        # key and its value head (the grouping `attend` uses: query head h reads KV head h // G)
+        parts = [self.dense(c.num_heads * hd, ("embed", "heads"), c.attention_bias, "q_proj", True)(x),
+                 self.dense(kvh * hd, ("embed", "kv_heads"), c.attention_bias, "k_proj", True)(x),
+                 self.dense(kvh * hd, ("embed", "kv_heads"), c.attention_bias, "v_proj", True)(x)]
+        qkv = self.fused(x, parts, [(kvh, g, hd), (kvh, 1, hd), (kvh, 1, hd)], axis=1)  # [B, T, KV, G+2, hd]
+        q, k, v = _split_qkv(qkv, g)
         q = q.reshape(b, t, c.num_heads, hd)
-        k = k.reshape(b, t, c.num_kv_heads, hd)
-        v = v.reshape(b, t, c.num_kv_heads, hd)
         if c.qk_norm:
             q = self.norm("q_norm")(q)
             k = self.norm("k_norm")(k)
-        inv_freq = rope_inv_freq(c)
-        q = _wlc(apply_rope(q, positions, inv_freq, self.dt), ("act_batch", "act_length", "act_heads", None))
-        k = _wlc(apply_rope(k, positions, inv_freq, self.dt), ("act_batch", "act_length", "act_kv_heads", None))
+        cos, sin = rope
+        q = _wlc(_rope(q.astype(F32), cos, sin).astype(self.dt), ("act_batch", "act_length", "act_heads", None))
+        k = _wlc(_rope(k.astype(F32), cos, sin).astype(self.dt), ("act_batch", "act_length", "act_kv_heads", None))
         v = _wlc(v, ("act_batch", "act_length", "act_kv_heads", None))
         new_cache = None
         if cache is not None:
@@ -392,40 +482,22 @@ class Mlp(_Base):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        # gate and up as one [D, 2I] matmul (one dot forward, one for the input gradient):
-        # columns interleaved (g0 u0 g1 u1 ...) so a sharding of I stays a sharding of 2I
-        gate = self.dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "gate_proj", weights_only=True)
-        up = self.dense(c.intermediate_size, ("embed", "mlp"), c.mlp_bias, "up_proj", weights_only=True)
-        (kg, bg, lg), (ku, bu, lu) = gate(x), up(x)
-        n, dt = c.intermediate_size, self.dt
-        # gate and up as one [D, I, 2] matmul (one dot forward, one for the input gradient); with
-        # LoRA, both adapters ride in the same dot: [x | x A_g | x A_u] @ [W ; B_g 0 ; 0 B_u]
-        # columns interleaved ([D, I, 2]: g0 u0 g1 u1 ...) so a sharding of I stays one of 2I
-        w = jnp.stack([kg.astype(dt), ku.astype(dt)], axis=-1)
-        if lg is None and lu is None:
-            gu = matmul(x.astype(dt), w)  # [..., I, 2]
-        else:
-            has, rows = [], []
-            for ab, slot in ((lg, 0), (lu, 1)):
-                if ab is not None:
-                    has.append(_lora_ha(x, ab[0], self))
-                    zero = jnp.zeros_like(ab[1], dt)
-                    rows.append(jnp.stack([ab[1].astype(dt), zero] if slot == 0 else [zero, ab[1].astype(dt)],
-                                          axis=-1))
-            gu = lora_matmul(x.astype(dt), jnp.concatenate(has, axis=-1), w, jnp.concatenate(rows, axis=0),
-                             float(self.lora_scale))
-        if bg is not None:
-            gu = gu + jnp.stack([bg.astype(dt), bu.astype(dt)], axis=-1)
+        # gate and up as one matmul over [D, I, 2], columns interleaved (g0 u0 g1 u1 ...) so that a
+        # sharding of I stays a sharding of the fused output; SwiGLU reads the pairs
+        n = c.intermediate_size
+        parts = [self.dense(n, ("embed", "mlp"), c.mlp_bias, "gate_proj", True)(x),
+                 self.dense(n, ("embed", "mlp"), c.mlp_bias, "up_proj", True)(x)]
+        gu = self.fused(x, parts, [(n, 1), (n, 1)], axis=1)  # [..., I, 2]
         h = _wlc(swiglu(gu), ("act_batch", "act_length", "act_mlp"))
         return self.dense(c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")(h)
 
 
 class DecoderLayer(_Base):
     @nn.compact
-    def __call__(self, x, positions, mask, cache_index=None, cache=None):
+    def __call__(self, x, rope, mask, cache_index=None, cache=None):
         kw = dict(config=self.config, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
                   deterministic=self.deterministic)
-        h, new_cache = Attention(**kw, name="attn")(self.norm("input_norm")(x), positions, mask, cache_index, cache)
+        h, new_cache = Attention(**kw, name="attn")(self.norm("input_norm")(x), rope, mask, cache_index, cache)
         x = x + h
         x = x + Mlp(**kw, name="mlp")(self.norm("post_attn_norm")(x))
         x = _wlc(x, ("act_batch", "act_length", "act_embed"))
@@ -476,6 +548,7 @@ class Llama(_Base):
             x = x + embed_noise.astype(self.dt)
         x = _wlc(x, ("act_batch", "act_length", "act_embed"))
 
+        rope = rope_tables(positions, rope_inv_freq(c))
         kw = dict(config=c, lora_scale=self.lora_scale, lora_dropout=self.lora_dropout,
                   deterministic=self.deterministic)
         layer_cls = DecoderLayer
@@ -491,12 +564,12 @@ class Llama(_Base):
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, new_caches = stack(**kw, name="layers")(x, positions, mask, cache_index, layer_caches)
+            x, new_caches = stack(**kw, name="layers")(x, rope, mask, cache_index, layer_caches)
         else:
             outs = []
             for i in range(c.num_layers):
                 lc = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, nc = layer_cls(**kw, name=f"layers_{i}")(x, positions, mask, cache_index, lc)
+                x, nc = layer_cls(**kw, name=f"layers_{i}")(x, rope, mask, cache_index, lc)
                 outs.append(nc)
             new_caches = None if cache is None else (
                 jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
