@@ -419,16 +419,20 @@ class _Base(nn.Module):
         if all(ab is None for _, _, ab in parts):
             y = matmul(x.astype(dt), w)
         else:
-            has, rows = [], []
+            a_s, rows = [], []
             for i, (_, _, ab) in enumerate(parts):
                 if ab is None:
                     continue
-                has.append(_lora_ha(x, ab[0], self))
+                a_s.append(ab[0])
                 r = ab[1].shape[0]
                 rows.append(cat([ab[1].astype(dt).reshape(r, *sh) if j == i else jnp.zeros((r, *sh), dt)
                                  for j, sh in enumerate(shapes)], 1))
-            y = lora_matmul(x.astype(dt), jnp.concatenate(has, axis=-1), w, jnp.concatenate(rows, axis=0),
-                            float(self.lora_scale))
+            if self.deterministic or self.lora_dropout == 0:
+                # one dot for all the adapters' A: x @ [A_1 | A_2 ..] (same input, no dropout masks)
+                ha = _lora_ha(x, jnp.concatenate(a_s, axis=-1), self)
+            else:  # an independent dropout mask per adapter, as peft
+                ha = jnp.concatenate([_lora_ha(x, a, self) for a in a_s], axis=-1)
+            y = lora_matmul(x.astype(dt), ha, w, jnp.concatenate(rows, axis=0), float(self.lora_scale))
         if any(bias is not None for _, bias, _ in parts):
             y = y + cat([jnp.zeros(sh, dt) if bias is None else bias.astype(dt).reshape(sh)
                          for (_, bias, _), sh in zip(parts, shapes)], 0)
