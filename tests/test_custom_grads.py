@@ -56,3 +56,46 @@ def test_custom_grads_equal_autodiff(dtype, tol, out):
     for g1, g2 in zip(go, gr):
         assert g1.shape == g2.shape and g1.dtype == g2.dtype
         assert _rel(g2, g1) < tol
+
+
+@pytest.mark.parametrize("n_tok", [64, 40, 30])  # blocked-transpose path (64 = 64 x 1, 40 = 8 x 5); 30: direct form
+def test_wgrad_bf16_paths_equal_float64(n_tok):
+    """`_wgrad` on 16-bit inputs (the explicitly transposed [in, tokens] @ [tokens, out] form on CPU
+    when the token count has a block divisor, the direct token-contracting dot otherwise) equals
+    the float64 product of the same bf16 values to float32-accumulation accuracy."""
+    from sft_jax.models.llama import _wgrad
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((n_tok, 24)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((n_tok, 10, 2)), jnp.bfloat16)
+    got = jax.jit(lambda x, dy: _wgrad(x, dy, 2))(x, dy)
+    assert got.shape == (24, 10, 2) and got.dtype == jnp.float32
+    want = np.einsum("ti,tjk->ijk", np.asarray(x, np.float64), np.asarray(dy, np.float64))
+    assert _rel(want, got) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 5e-6), (jnp.bfloat16, 2e-2)])
+def test_logits_matmul_equals_einsum(dtype, tol):
+    """The LM head (`logits_matmul`: float32 logits from 16-bit operands, hand-written backward)
+    equals autodiff of `einsum(..., preferred_element_type=float32)`."""
+    from sft_jax.models.llama import logits_matmul
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 32, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((24, 50)), jnp.float32) * 0.2
+    tgt = jnp.asarray(rng.integers(0, 50, (2, 32)))
+
+    def loss(f):
+        def run(x, w):
+            logits = f(x.astype(dtype), w.astype(dtype))
+            assert logits.dtype == jnp.float32
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tgt[..., None], -1))
+        return run
+
+    ref = loss(lambda x, w: jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32))
+    lo, go = jax.jit(jax.value_and_grad(loss(logits_matmul), argnums=(0, 1)))(x, w)
+    lr, gr = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(x, w)
+    assert abs(float(lo) - float(lr)) <= 1e-6 * max(1.0, abs(float(lr)))
+    for g1, g2 in zip(go, gr):
+        assert g1.shape == g2.shape and g1.dtype == g2.dtype
+        assert _rel(g2, g1) < tol
