@@ -58,6 +58,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--hlo", default=None, help="also write the compiled step's HLO text here")
     a = ap.parse_args(argv)
@@ -70,6 +71,9 @@ def main(argv=None):
     import numpy as np
 
     size = V.SIZES[a.size]
+    from sft_jax import train_step as ts
+
+    step_opts = ts.StepOptions(micro_batches=a.micro)
     mdir = Path(tempfile.gettempdir()) / f"sft_jax_profile_{a.size}"
     if not (mdir / "config.json").exists():
         convs, _ = V.load_conversations()
@@ -77,7 +81,7 @@ def main(argv=None):
         V.build_model(size, tok, mdir, 2048)
     batches = synthetic_batches(a.steps, a.batch, a.max_length, size["vocab"])
     st, tr, fr, opt = V.setup_sft_jax(mdir, batch_size=a.batch, lora=a.mode == "lora", lr=1e-3, steps=10**6,
-                                      seed=0, policy=policy)
+                                      seed=0, policy=policy, step_opts=step_opts)
     hlo = ""
     if a.hlo or a.profile:
         from sft_jax import train_step as ts
@@ -97,7 +101,7 @@ def main(argv=None):
         jax.profiler.stop_trace()
     toks = np.mean([float((b["segment_ids"] > 0).sum()) for b in batches[1:]])
     med = float(np.median(times[1:]))
-    print(f"# {a.size} {a.mode} policy={policy} load={V.uptime_load()}")
+    print(f"# {a.size} {a.mode} policy={policy} micro={a.micro} load={V.uptime_load()}")
     print(f"step s: {[round(t, 3) for t in times]}  (first includes compilation)")
     print(f"median {med:.3f} s  min {min(times[1:]):.3f} s  {toks / med:.0f} real tok/s")
     if not a.profile:

@@ -659,6 +659,9 @@ def main(argv=None):
                     "sft_jax model.dtype=bfloat16 with float32 params; ratio to the bf16 matmul peak)")
     ap.add_argument("--jax-policy", default="", help="extra sft_jax model policy, e.g. scan_layers=1,remat=full,"
                     "attention=dense,attention_block=64")
+    ap.add_argument("--jax-micro", default="1", help="sft_jax gradient-accumulation micro-batches per step; a "
+                    "comma list runs one sft_jax side per value (the first is the 'sft_jax' column, the others "
+                    "'sft_jax:mN', listed under the table)")
     a = ap.parse_args(argv)
 
     if a.toy:
@@ -683,6 +686,8 @@ def main(argv=None):
     modes = a.modes.split(",")
     sides = a.sides.split(",")
     precisions = a.precisions.split(",")
+    micros = [int(m) for m in a.jax_micro.split(",")]
+    jax_sides = {"sft_jax": micros[0], **{f"sft_jax:m{m}": m for m in micros[1:]}}
     jax_policy = {}
     for kv in filter(None, a.jax_policy.split(",")):
         k, v = kv.split("=")
@@ -705,11 +710,13 @@ def main(argv=None):
         log(f"# sft_jax side unavailable: {why_not}")
     if jax_policy:
         log(f"# sft_jax policy: {jax_policy}")
+    if micros != [1]:
+        log(f"# sft_jax micro-batches per step: {jax_sides}")
 
     convs, source = load_conversations(n_ex, seed=a.seed)
     log(f"# data: {source}, {len(convs)} conversations; B={B} rows x T={T}, {steps} steps, {reps} reps")
     results = {"machine": info, "peak_flops": peak, "data": source, "B": B, "T": T, "steps": steps,
-               "reps": reps, "peak_samples": [dict(peak)], "jax_policy": jax_policy, "argv": sys.argv[1:], "rows": []}
+               "reps": reps, "peak_samples": [dict(peak)], "jax_policy": jax_policy, "jax_micro": jax_sides, "argv": sys.argv[1:], "rows": []}
     work = Path(tempfile.mkdtemp(prefix="bench_vs_trl_"))
     for size_name in sizes:
         size = SIZES[size_name]
@@ -735,7 +742,7 @@ def main(argv=None):
             for kk in peak:
                 peak[kk] = max(peak[kk], again[kk])
             sides_here = [f"trl:{lay}" for lay in layouts if "trl" in sides] + (
-                ["sft_jax"] if "sft_jax" in sides else [])
+                list(jax_sides) if "sft_jax" in sides else [])
             runs = {k: [] for k in sides_here}
             batches = None
             for rep in range(reps):
@@ -767,8 +774,11 @@ def main(argv=None):
                     elif why_not:
                         r = {"error": why_not}
                     else:
+                        from sft_jax import train_step as ts
+
                         r = run_sft_jax(mdir, batches, lora=lora, lora_init=lora_init, lr=lr, steps=steps,
-                                        seed=a.seed, policy=policy)
+                                        seed=a.seed, policy=policy,
+                                        step_opts=ts.StepOptions(micro_batches=jax_sides[side]))
                     r = summarize(r, tokens, flops, pk)
                     runs[side].append(r)
                     if "error" not in r:
@@ -854,6 +864,16 @@ def print_table(results: dict):
         )
     log("(TRL columns other than tok/s are for the faster TRL layout: " + ", ".join(
         f"{r['size']}/{r['mode']}/{r['precision']}: {r.get('trl_best', '-')}" for r in results["rows"]) + ")")
+    extra = [k for k in results.get("jax_micro", {}) if k != "sft_jax"]
+    for row in results["rows"]:
+        best = row.get(row.get("trl_best", ""), {})
+        for k in extra:
+            if k in row:
+                v = row[k]
+                log(f"{row['size']:7s} {row['mode']:5s} {row['precision']:4s} {k} ({results['jax_micro'][k]} "
+                    f"micro-batches): {v['tokens_per_s']:.0f} tok/s, ratio to best TRL "
+                    f"{v['tokens_per_s'] / best.get('tokens_per_s', nan):.2f}, {100 * v['peak_fraction']:.1f}% pk, "
+                    f"vs 'sft_jax' {v['tokens_per_s'] / row['sft_jax']['tokens_per_s']:.2f}x, lossN {v['losses'][-1]:.5f}")
 
 
 if __name__ == "__main__":

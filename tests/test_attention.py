@@ -7,9 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax.models import llama
+from sft_jax.models import attention, llama
 from sft_jax.models.attention import segment_attention, visited_pairs
 from sft_jax.models.config import ModelConfig
+
+
+@pytest.fixture(params=["unrolled", "loop"])
+def loops(request, monkeypatch):
+    """Both implementations of the block loops: unrolled at trace time (every causal pair, the
+    default for <= `attention.UNROLL` blocks) and `fori_loop`s with run-time pair skipping."""
+    monkeypatch.setattr(attention, "UNROLL", 64 if request.param == "unrolled" else 0)
+    return request.param
 
 
 def _packed(rng, b, t, mean, pad_tail=True):
@@ -72,7 +80,7 @@ def _rel(a, b):
     (1, 100, 2, 1, 0, 30, None),      # length not a multiple of 64: one block
     (4, 128, 2, 1, 0, 500, None),     # one example per row (no packing), padding tails
 ])
-def test_flash_matches_dense(b, t, h, kvh, block, mean, window):
+def test_flash_matches_dense(b, t, h, kvh, block, mean, window, loops):
     rng = np.random.default_rng(t + b)
     seg, pos = _packed(rng, b, t, mean)
     out_r, out_n, (lr, gr), (ln, gn) = _both(b, t, h, kvh, 32, seg, pos, window, block)
@@ -82,7 +90,7 @@ def test_flash_matches_dense(b, t, h, kvh, block, mean, window):
         assert _rel(a, c) < 2e-5
 
 
-def test_flash_bf16_close_to_dense_bf16():
+def test_flash_bf16_close_to_dense_bf16(loops):
     rng = np.random.default_rng(1)
     seg, pos = _packed(rng, 2, 128, 30)
     out_r, out_n, (lr, gr), (ln, gn) = _both(2, 128, 4, 2, 32, seg, pos, None, 32, jnp.bfloat16)
@@ -91,7 +99,7 @@ def test_flash_bf16_close_to_dense_bf16():
         assert _rel(a, c) < 3e-2
 
 
-def test_noncontiguous_segment_ids_are_still_exact():
+def test_noncontiguous_segment_ids_are_still_exact(loops):
     # segment ids that come back (1 2 1 2 ...) break the contiguous-range picture; the range test
     # must stay conservative (visit more), never drop a needed pair
     t = 128
@@ -103,7 +111,7 @@ def test_noncontiguous_segment_ids_are_still_exact():
         assert _rel(a, c) < 2e-5
 
 
-def test_all_padding_row_gives_zero_and_finite_grads():
+def test_all_padding_row_gives_zero_and_finite_grads(loops):
     seg = np.zeros((2, 64), np.int32)
     seg[0, :40] = 1
     pos = np.where(seg > 0, np.arange(64), 0).astype(np.int32)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""A/B two sft_jax train-step variants in one process, steps interleaved (A, B, A, B, ...).
+
+    python bench/ab_step.py --size medium --mode lora --a "" --b "attention_block=256" [--steps 8]
+    python bench/ab_step.py --a "micro=1" --b "micro=8"
+
+Each variant is `key=value,...`: model policy overrides (as profile_step's --policy) plus `micro=M`
+(gradient-accumulation micro-batches) and `unroll=N` (`sft_jax.models.attention.UNROLL`),
+and XLA compiler options by name (`xla_cpu_experimental_ynn_fusion_type=` compiles that variant's step with
+an empty YNNPACK fusion list: dots go to Eigen). On a shared or throttled machine the speed of the whole box
+drifts by tens of percent within minutes, so separate runs cannot resolve a 5-10% change; paired,
+interleaved steps on the same batches can. Prints each variant's step times and the median of the
+per-pair ratios B/A (< 1: B is faster). A development aid; no baseline of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import profile_step as P  # noqa: E402
+import vs_trl as V  # noqa: E402
+
+
+def parse(spec):
+    policy, micro, unroll, xla = {}, 1, None, {}
+    for kv in filter(None, spec.split(",")):
+        k, v = kv.split("=")
+        if k.startswith("xla_"):
+            xla[k] = v
+        elif k == "micro":
+            micro = int(v)
+        elif k == "unroll":
+            unroll = int(v)
+        else:
+            policy[k] = int(v) if v.isdigit() else v
+    return policy, micro, unroll, xla
+
+
+def with_compiler_options(st, options):
+    """`st` (vs_trl.setup_sft_jax's Steps) whose train_step is compiled with XLA `options` on first call."""
+    if not options:
+        return st
+    compiled = {}
+
+    def step(*args):
+        if "f" not in compiled:
+            compiled["f"] = st.train_step.lower(*args).compile(compiler_options=options)
+        return compiled["f"](*args)
+
+    return st._replace(train_step=step)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="medium", choices=list(V.SIZES))
+    ap.add_argument("--mode", default="lora", choices=["lora", "full"])
+    ap.add_argument("--a", default="")
+    ap.add_argument("--b", default="")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    a = ap.parse_args(argv)
+
+    import tempfile
+
+    import numpy as np
+
+    from sft_jax import train_step as ts
+
+    size = V.SIZES[a.size]
+    mdir = Path(tempfile.gettempdir()) / f"sft_jax_profile_{a.size}"
+    if not (mdir / "config.json").exists():
+        convs, _ = V.load_conversations()
+        tok = V.build_tokenizer(convs, size["vocab"], mdir / "tok")
+        V.build_model(size, tok, mdir, 2048)
+    batches = P.synthetic_batches(a.steps + 1, a.batch, a.max_length, size["vocab"])
+    from sft_jax.models import attention
+
+    gens, times, unrolls = [], [], []
+    for spec in (a.a, a.b):
+        policy, micro, unroll, xla = parse(spec)
+        unrolls.append(attention.UNROLL if unroll is None else unroll)
+        state = V.setup_sft_jax(mdir, batch_size=a.batch, lora=a.mode == "lora", lr=1e-3, steps=10**6, seed=0,
+                                policy=policy, step_opts=ts.StepOptions(micro_batches=micro))
+        gens.append(V.sft_jax_steps(with_compiler_options(state[0], xla), *state[1:], batches))
+        times.append([])
+    default_unroll = attention.UNROLL
+    for i in range(a.steps + 1):
+        for g, t, u in zip(gens, times, unrolls):
+            attention.UNROLL = u  # read when the step is traced (its first call)
+            t.append(next(g)[1])
+    attention.UNROLL = default_unroll
+    ta, tb = np.array(times[0][1:]), np.array(times[1][1:])
+    toks = np.mean([float((b["segment_ids"] > 0).sum()) for b in batches[1:]])
+    print(f"# {a.size} {a.mode} load={V.uptime_load()}")
+    for name, spec, t in (("A", a.a, ta), ("B", a.b, tb)):
+        print(f"{name} [{spec}] step s: {[round(float(x), 3) for x in t]}  median {np.median(t):.3f}  "
+              f"{toks / np.median(t):.0f} tok/s")
+    r = tb / ta
+    print(f"B/A per pair: {[round(float(x), 3) for x in r]}  median {np.median(r):.3f}")
+
+
+if __name__ == "__main__":
+    main()
