@@ -5,7 +5,8 @@
     python bench/ab_step.py --a "micro=1" --b "micro=8"
 
 Each variant is `key=value,...`: model policy overrides (as profile_step's --policy) plus `micro=M`
-(gradient-accumulation micro-batches) and `unroll=N` (`sft_jax.models.attention.UNROLL`),
+(gradient-accumulation micro-batches), `unroll=N` (`sft_jax.models.attention.UNROLL`), an integer
+constant of that module as `attn.NAME=N`, `native.FORCE=0|1` (XLA attention / the native CPU kernel),
 and XLA compiler options by name (`xla_cpu_experimental_ynn_fusion_type=` compiles that variant's step with
 an empty YNNPACK fusion list: dots go to Eigen). On a shared or throttled machine the speed of the whole box
 drifts by tens of percent within minutes, so separate runs cannot resolve a 5-10% change; paired,
@@ -25,7 +26,7 @@ import vs_trl as V  # noqa: E402
 
 
 def parse(spec):
-    policy, micro, unroll, xla = {}, 1, None, {}
+    policy, micro, unroll, xla, attn = {}, 1, None, {}, {}
     for kv in filter(None, spec.split(",")):
         k, v = kv.split("=")
         if k.startswith("xla_"):
@@ -34,9 +35,13 @@ def parse(spec):
             micro = int(v)
         elif k == "unroll":
             unroll = int(v)
+        elif k.startswith(("attn.", "native.")):  # a constant of sft_jax.models.attention / native_attention
+            attn[k] = int(v)
         else:
             policy[k] = int(v) if v.isdigit() else v
-    return policy, micro, unroll, xla
+    if unroll is not None:
+        attn["attn.UNROLL"] = unroll
+    return policy, micro, attn, xla
 
 
 def with_compiler_options(st, options):
@@ -77,22 +82,32 @@ def main(argv=None):
         tok = V.build_tokenizer(convs, size["vocab"], mdir / "tok")
         V.build_model(size, tok, mdir, 2048)
     batches = P.synthetic_batches(a.steps + 1, a.batch, a.max_length, size["vocab"])
-    from sft_jax.models import attention
+    from sft_jax.models import attention, native_attention
 
-    gens, times, unrolls = [], [], []
+    mods = {"attn": attention, "native": native_attention}
+
+    gens, times, consts = [], [], []
     for spec in (a.a, a.b):
-        policy, micro, unroll, xla = parse(spec)
-        unrolls.append(attention.UNROLL if unroll is None else unroll)
+        policy, micro, attn, xla = parse(spec)
+        consts.append(attn)
         state = V.setup_sft_jax(mdir, batch_size=a.batch, lora=a.mode == "lora", lr=1e-3, steps=10**6, seed=0,
                                 policy=policy, step_opts=ts.StepOptions(micro_batches=micro))
         gens.append(V.sft_jax_steps(with_compiler_options(state[0], xla), *state[1:], batches))
         times.append([])
-    default_unroll = attention.UNROLL
+    def put(k, v):
+        m, name = k.split(".")
+        if m == "native" and name == "FORCE":
+            v = None if v < 0 else bool(v)  # native.FORCE=0: XLA attention, =1: the native kernel
+        setattr(mods[m], name, v)
+
+    defaults = {k: getattr(mods[k.split(".")[0]], k.split(".")[1]) for c in consts for k in c}
     for i in range(a.steps + 1):
-        for g, t, u in zip(gens, times, unrolls):
-            attention.UNROLL = u  # read when the step is traced (its first call)
+        for g, t, c in zip(gens, times, consts):
+            for k, v in {**defaults, **c}.items():  # read when the step is traced (its first call)
+                put(k, v) if k in c else setattr(mods[k.split(".")[0]], k.split(".")[1], v)
             t.append(next(g)[1])
-    attention.UNROLL = default_unroll
+    for k, v in defaults.items():
+        setattr(mods[k.split(".")[0]], k.split(".")[1], v)
     ta, tb = np.array(times[0][1:]), np.array(times[1][1:])
     toks = np.mean([float((b["segment_ids"] > 0).sum()) for b in batches[1:]])
     print(f"# {a.size} {a.mode} load={V.uptime_load()}")

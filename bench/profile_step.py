@@ -61,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--micro", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--hlo", default=None, help="also write the compiled step's HLO text here")
+    ap.add_argument("--top", type=int, default=30, help="how many (op kind, name, shape) rows to print")
+    ap.add_argument("--kinds", default="", help="only these op kinds in the top rows (comma-separated prefixes)")
     a = ap.parse_args(argv)
     policy = {}
     for kv in filter(None, a.policy.split(",")):
@@ -126,8 +128,12 @@ def main(argv=None):
         if m:
             cat[(k.rsplit(".", 1)[0], re.sub(r"layers_\d+", "L", m.group(2)).replace("jit(train_step)/", ""),
                  m.group(1))] += v
+        else:  # not found in the compiled HLO text (e.g. a thunk of a nested computation)
+            cat[(k.rsplit(".", 1)[0], "(" + k + ": not in the HLO text)", "?")] += v
     print("\n# top (op kind, HLO op_name with layers folded, shape), ms per step")
-    for (k, name, shape), v in cat.most_common(30):
+    kinds = tuple(filter(None, a.kinds.split(",")))
+    rows = [(key, v) for key, v in cat.most_common() if not kinds or key[0].startswith(kinds)]
+    for (k, name, shape), v in rows[:a.top]:
         print(f"{v / 2e3:8.1f} ms  {k:28s} {shape:26s} {name[:110]}")
 
 

@@ -78,7 +78,8 @@ class ModelConfig:
     scan_layers: bool = False
     remat: str = "none"  # none | full | save_dots
     # training-path attention: "flash" (block-sparse online softmax, skips causal-upper and
-    # cross-segment blocks, models/attention.py) | "dense" (the [B,H,T,T] reference)
+    # cross-segment blocks, models/attention.py; on one CPU device the native kernel of
+    # models/native_attention.py) | "dense" (the [B,H,T,T] reference)
     attention: str = "flash"
     attention_block: int = 0  # flash block size; 0 = chosen from batch, heads and length
     # Unmanaged config.json fields, written back by to_hf (not part of hash/eq).
