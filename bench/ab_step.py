@@ -6,7 +6,7 @@
 
 Each variant is `key=value,...`: model policy overrides (as profile_step's --policy) plus `micro=M`
 (gradient-accumulation micro-batches), `unroll=N` (`sft_jax.models.attention.UNROLL`), an integer
-constant of that module as `attn.NAME=N`, `native.FORCE=0|1` (XLA attention / the native CPU kernel),
+constant of that module as `attn.NAME=N`, `native.FORCE=0|1` (XLA attention / the native CPU kernel), `llama.NAME=N`,
 and XLA compiler options by name (`xla_cpu_experimental_ynn_fusion_type=` compiles that variant's step with
 an empty YNNPACK fusion list: dots go to Eigen). On a shared or throttled machine the speed of the whole box
 drifts by tens of percent within minutes, so separate runs cannot resolve a 5-10% change; paired,
@@ -35,7 +35,7 @@ def parse(spec):
             micro = int(v)
         elif k == "unroll":
             unroll = int(v)
-        elif k.startswith(("attn.", "native.")):  # a constant of sft_jax.models.attention / native_attention
+        elif k.startswith(("attn.", "native.", "llama.")):  # a constant of sft_jax.models.attention / native_attention
             attn[k] = int(v)
         else:
             policy[k] = int(v) if v.isdigit() else v
@@ -82,9 +82,9 @@ def main(argv=None):
         tok = V.build_tokenizer(convs, size["vocab"], mdir / "tok")
         V.build_model(size, tok, mdir, 2048)
     batches = P.synthetic_batches(a.steps + 1, a.batch, a.max_length, size["vocab"])
-    from sft_jax.models import attention, native_attention
+    from sft_jax.models import attention, llama, native_attention
 
-    mods = {"attn": attention, "native": native_attention}
+    mods = {"attn": attention, "native": native_attention, "llama": llama}
 
     gens, times, consts = [], [], []
     for spec in (a.a, a.b):

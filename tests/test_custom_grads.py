@@ -59,17 +59,19 @@ def test_custom_grads_equal_autodiff(dtype, tol, out):
 
 
 @pytest.mark.parametrize("n_tok", [64, 40, 30])  # blocked-transpose path (64 = 64 x 1, 40 = 8 x 5); 30: direct form
-def test_wgrad_bf16_paths_equal_float64(n_tok):
-    """`_wgrad` on 16-bit inputs (the explicitly transposed [in, tokens] @ [tokens, out] form on CPU
-    when the token count has a block divisor, the direct token-contracting dot otherwise) equals
-    the float64 product of the same bf16 values to float32-accumulation accuracy."""
+@pytest.mark.parametrize("out", [(10, 2), (10, 3)])  # 20 < 24 inputs: dy is transposed; 30 > 24: x is
+def test_wgrad_bf16_paths_equal_float64(n_tok, out):
+    """`_wgrad` on 16-bit inputs (on CPU when the token count has a block divisor: the explicitly
+    transposed [in, tokens] @ [tokens, out] form, or (dy^T x)^T when out < in; the direct
+    token-contracting dot otherwise) equals the float64 product of the same bf16 values to
+    float32-accumulation accuracy."""
     from sft_jax.models.llama import _wgrad
 
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((n_tok, 24)), jnp.bfloat16)
-    dy = jnp.asarray(rng.standard_normal((n_tok, 10, 2)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((n_tok, *out)), jnp.bfloat16)
     got = jax.jit(lambda x, dy: _wgrad(x, dy, 2))(x, dy)
-    assert got.shape == (24, 10, 2) and got.dtype == jnp.float32
+    assert got.shape == (24, *out) and got.dtype == jnp.float32
     want = np.einsum("ti,tjk->ijk", np.asarray(x, np.float64), np.asarray(dy, np.float64))
     assert _rel(want, got) < 1e-5
 

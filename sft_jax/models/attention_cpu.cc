@@ -67,6 +67,25 @@ inline uint16_t f2bf(float f) {  // round to nearest even, as XLA's convert
   return uint16_t(u >> 16);
 }
 
+inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+
+// horizontal max / sum of 16 lanes: a shuffle tree (a lane-by-lane loop compiles to scalar extracts)
+inline float hmax(v16 x) {
+  x = vmax(x, __builtin_shuffle(x, vi16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  x = vmax(x, __builtin_shuffle(x, vi16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  x = vmax(x, __builtin_shuffle(x, vi16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  x = vmax(x, __builtin_shuffle(x, vi16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+  return x[0];
+}
+
+inline float hsum(v16 x) {
+  x += __builtin_shuffle(x, vi16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += __builtin_shuffle(x, vi16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x += __builtin_shuffle(x, vi16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  x += __builtin_shuffle(x, vi16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  return x[0];
+}
+
 // exp for 16 floats (Cephes-style: 2^n * p(r), |rel err| ~ 2e-7); inputs below -80 give exp(-80).
 inline v16 vexp(v16 x) {
   x = x < splat(-80.f) ? splat(-80.f) : x;  // exp(-80) ~ 2e-35: stays a normal float
@@ -164,9 +183,15 @@ void store_rows(void* x, bool bf16, const Dims& d, int nh, int b, int head, cons
   }
 }
 
-void transpose_rows(const float* rows, const Dims& d, float* dst) {  // [Tp, D] -> [D, Tp]
-  for (int t = 0; t < d.Tp; t++)
-    for (int e = 0; e < d.D; e++) dst[long(e) * d.Tp + t] = rows[long(t) * d.D + e];
+// Row stride of the transposed [D, Tp] arrays: Tp + 16 floats, so that the 64 rows of a key block
+// do not all map to the same few L1 sets (a power-of-two stride halved the speed of the products).
+inline long tstride(const Dims& d) { return d.Tp + 16; }
+
+void transpose_rows(const float* rows, const Dims& d, float* dst) {  // [Tp, D] -> [D, tstride]
+  const long ld = tstride(d);
+  for (int t0 = 0; t0 < d.Tp; t0 += 16)
+    for (int e = 0; e < d.D; e++)
+      for (int t = t0; t < t0 + 16; t++) dst[e * ld + t] = rows[long(t) * d.D + e];
 }
 
 // Per batch row: the visible key range [lo[i], hi[i]) of every query (hi = lo: none), and whether
@@ -215,11 +240,9 @@ inline float mask_row(float* s, float scale, const RowMask& rm, int i, int kb) {
       for (int e = 0; e < 16; e++)
         if (x[e] != NEG && !rm.visible(i, kb + 16 * v + e)) x[e] = NEG;
     st(s + 16 * v, x);
-    mx = x > mx ? x : mx;
+    mx = vmax(x, mx);
   }
-  float m = NEG;
-  for (int e = 0; e < 16; e++) m = std::max(m, mx[e]);
-  return m;
+  return hmax(mx);
 }
 
 struct Scratch {
@@ -256,7 +279,7 @@ void forward_task(const Dims& d, int b, int kh, const void* q, const void* k, co
                   float scale, void* out, float* lse, Scratch& sc) {
   const int D = d.D, Tp = d.Tp, G = d.H / d.KV;
   sc.used = 0;
-  float* kt = sc.take(size_t(D) * Tp);
+  float* kt = sc.take(size_t(D) * tstride(d));
   float* vr = sc.take(size_t(Tp) * D);
   float* qr = sc.take(size_t(Tp) * D);
   float* orow = sc.take(size_t(Tp) * D);
@@ -282,7 +305,7 @@ void forward_task(const Dims& d, int b, int kh, const void* q, const void* k, co
       std::fill(l, l + M, 0.f);
       std::memset(acc, 0, sizeof(float) * M * D);
       for (int kb = jlo / BK * BK; kb < jhi; kb += BK) {
-        gemm(M, BK, D, qr + long(qb) * D, D, 1, kt + kb, Tp, s, BK, false);
+        gemm(M, BK, D, qr + long(qb) * D, D, 1, kt + kb, tstride(d), s, BK, false);
         for (int r = 0; r < M; r++) {
           float* sr = s + r * BK;
           const float mx = std::max(m[r], mask_row(sr, scale, rm, qb + r, kb));
@@ -295,9 +318,7 @@ void forward_task(const Dims& d, int b, int kh, const void* q, const void* k, co
             st(sr + 16 * e, p);
             sum += p;
           }
-          float ls = 0.f;
-          for (int e = 0; e < 16; e++) ls += sum[e];
-          l[r] = l[r] * alpha + ls;
+          l[r] = l[r] * alpha + hsum(sum);
           m[r] = mx;
           if (alpha != 1.f)
             for (int e = 0; e < D; e += 16) st(acc + r * D + e, ld(acc + r * D + e) * alpha);
@@ -321,8 +342,8 @@ void backward_task(const Dims& d, int b, int kh, const void* q, const void* k, c
   const int D = d.D, Tp = d.Tp, G = d.H / d.KV;
   sc.used = 0;
   float* kr = sc.take(size_t(Tp) * D);
-  float* kt = sc.take(size_t(D) * Tp);
-  float* vt = sc.take(size_t(D) * Tp);
+  float* kt = sc.take(size_t(D) * tstride(d));
+  float* vt = sc.take(size_t(D) * tstride(d));
   float* qr = sc.take(size_t(Tp) * D);
   float* dor = sc.take(size_t(Tp) * D);
   float* dqr = sc.take(size_t(Tp) * D);
@@ -345,9 +366,7 @@ void backward_task(const Dims& d, int b, int kh, const void* q, const void* k, c
     for (int t = 0; t < d.T; t++) {
       v16 acc = v16{};
       for (int e = 0; e < D; e += 16) acc += ld(qr + long(t) * D + e) * ld(dor + long(t) * D + e);
-      float x = 0.f;
-      for (int e = 0; e < 16; e++) x += acc[e];
-      dsum[t] = x;
+      dsum[t] = hsum(acc);
     }
     load_rows(q, d.bf16, d, d.H, b, h, qr);
     std::memset(dqr, 0, sizeof(float) * Tp * D);
@@ -360,8 +379,8 @@ void backward_task(const Dims& d, int b, int kh, const void* q, const void* k, c
           jhi = std::max(jhi, rm.hi[qb + r]);
         }
       for (int kb = jlo / BK * BK; kb < jhi; kb += BK) {
-        gemm(M, BK, D, qr + long(qb) * D, D, 1, kt + kb, Tp, p, BK, false);
-        gemm(M, BK, D, dor + long(qb) * D, D, 1, vt + kb, Tp, ds, BK, false);
+        gemm(M, BK, D, qr + long(qb) * D, D, 1, kt + kb, tstride(d), p, BK, false);
+        gemm(M, BK, D, dor + long(qb) * D, D, 1, vt + kb, tstride(d), ds, BK, false);
         for (int r = 0; r < M; r++) {
           float* pr = p + r * BK;
           float* dr = ds + r * BK;
@@ -416,7 +435,7 @@ ffi::Error FwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Bu
   for (int b = 0; b < d.B; b++) rows.emplace_back(seg.typed_data() + long(b) * d.T, pos.typed_data() + long(b) * d.T, d.T, window);
   const int nthreads = std::max(1, std::min<int>(int(threads), d.B * d.KV));
   std::vector<Scratch> sc(nthreads);
-  for (auto& s : sc) s.buf.resize(size_t(4) * d.Tp * d.D + 2 * BQ * std::max(BK, d.D) + 64 * 6);
+  for (auto& s : sc) s.buf.resize(size_t(4) * (d.Tp + 16) * d.D + 2 * BQ * std::max(BK, d.D) + 64 * 6);
   parallel_tasks(d.B * d.KV, nthreads, [&](int tid, int i) {
     const int b = i / d.KV, kh = i % d.KV;
     forward_task(d, b, kh, q.untyped_data(), k.untyped_data(), v.untyped_data(), rows[b], scale,
@@ -438,7 +457,7 @@ ffi::Error BwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Bu
   for (int b = 0; b < d.B; b++) rows.emplace_back(seg.typed_data() + long(b) * d.T, pos.typed_data() + long(b) * d.T, d.T, window);
   const int nthreads = std::max(1, std::min<int>(int(threads), d.B * d.KV));
   std::vector<Scratch> sc(nthreads);
-  for (auto& s : sc) s.buf.resize(size_t(8) * d.Tp * d.D + 2 * BQ * BK + d.Tp + 64 * 12);
+  for (auto& s : sc) s.buf.resize(size_t(8) * (d.Tp + 16) * d.D + 2 * BQ * BK + d.Tp + 64 * 12);
   parallel_tasks(d.B * d.KV, nthreads, [&](int tid, int i) {
     const int b = i / d.KV, kh = i % d.KV;
     backward_task(d, b, kh, q.untyped_data(), k.untyped_data(), v.untyped_data(), o.untyped_data(),
