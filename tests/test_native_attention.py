@@ -119,13 +119,16 @@ def test_padding_row_gets_zero_output_and_gradients():
     assert float(jnp.abs(dv[-1]).max()) == 0.0
 
 
-def test_model_loss_and_grads_match(xla_path):
-    """A whole Llama (GQA, packed batch) with the kernel vs the XLA attention: loss and every gradient."""
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full")])
+def test_model_loss_and_grads_match(xla_path, scan, remat):
+    """A whole Llama (GQA, packed batch) with the kernel vs the XLA attention: loss and every gradient,
+    also with the layers scanned and rematerialised (the kernel's forward then runs again in the backward)."""
     from sft_jax.models import llama
     from sft_jax.models.config import ModelConfig
 
     cfg = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                      scan_layers=scan, remat=remat)
     params = llama.init_params(cfg, jax.random.key(0))
     _, _, _, seg, pos = packed(2, 160, 1, 1, 16, seed=3)
     ids = np.random.default_rng(4).integers(0, 128, seg.shape).astype(np.int32)
