@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -245,14 +246,15 @@ inline float mask_row(float* s, float scale, const RowMask& rm, int i, int kb) {
   return hmax(mx);
 }
 
-struct Scratch {
+struct Scratch {  // one per thread, sized by the caller; take() hands out 64-byte-rounded pieces in order
   std::vector<float> buf;
-  float* take(size_t n) {  // called in a fixed order after reserve(): pointers stay valid
+  size_t used = 0;
+  float* take(size_t n) {
     size_t off = used;
     used += (n + 15) & ~size_t(15);
+    if (used > buf.size()) std::abort();  // a sizing bug: never write past the buffer
     return buf.data() + off;
   }
-  size_t used = 0;
 };
 
 template <class F>
