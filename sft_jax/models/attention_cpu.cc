@@ -427,23 +427,37 @@ ffi::Error check(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::An
   return ffi::Error::Success();
 }
 
+// Builds the per-row masks and per-thread scratch (`floats` each), then runs f(b, kh, mask, scratch) for every
+// (batch row, KV head) on up to `threads` threads.
+template <class F>
+ffi::Error run_tasks(const Dims& d, const ffi::Buffer<ffi::S32>& seg, const ffi::Buffer<ffi::S32>& pos,
+                     int64_t window, int64_t threads, size_t floats, F f) {
+  for (const auto* x : {&seg, &pos}) {
+    auto dims = x->dimensions();
+    if (dims.size() != 2 || dims[0] != d.B || dims[1] != d.T)
+      return ffi::Error::InvalidArgument("sft_attention: segment_ids / positions must be [B, T]");
+  }
+  std::vector<RowMask> rows;
+  rows.reserve(d.B);
+  for (int b = 0; b < d.B; b++)
+    rows.emplace_back(seg.typed_data() + long(b) * d.T, pos.typed_data() + long(b) * d.T, d.T, window);
+  const int nthreads = std::max(1, std::min<int>(int(threads), d.B * d.KV));
+  std::vector<Scratch> sc(nthreads);
+  for (auto& s : sc) s.buf.resize(floats);
+  parallel_tasks(d.B * d.KV, nthreads, [&](int tid, int i) { f(i / d.KV, i % d.KV, rows[i / d.KV], sc[tid]); });
+  return ffi::Error::Success();
+}
+
 ffi::Error FwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> seg,
                    ffi::Buffer<ffi::S32> pos, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    float scale, int64_t window, int64_t threads) {
   Dims d;
   if (auto e = check(q, k, v, &d); e.failure()) return e;
-  std::vector<RowMask> rows;
-  rows.reserve(d.B);
-  for (int b = 0; b < d.B; b++) rows.emplace_back(seg.typed_data() + long(b) * d.T, pos.typed_data() + long(b) * d.T, d.T, window);
-  const int nthreads = std::max(1, std::min<int>(int(threads), d.B * d.KV));
-  std::vector<Scratch> sc(nthreads);
-  for (auto& s : sc) s.buf.resize(size_t(4) * (d.Tp + 16) * d.D + 2 * BQ * std::max(BK, d.D) + 64 * 6);
-  parallel_tasks(d.B * d.KV, nthreads, [&](int tid, int i) {
-    const int b = i / d.KV, kh = i % d.KV;
-    forward_task(d, b, kh, q.untyped_data(), k.untyped_data(), v.untyped_data(), rows[b], scale,
-                 out->untyped_data(), lse->typed_data(), sc[tid]);
+  const size_t floats = size_t(4) * (d.Tp + 16) * d.D + 2 * BQ * std::max(BK, d.D) + 64 * 6;
+  return run_tasks(d, seg, pos, window, threads, floats, [&](int b, int kh, const RowMask& rm, Scratch& sc) {
+    forward_task(d, b, kh, q.untyped_data(), k.untyped_data(), v.untyped_data(), rm, scale, out->untyped_data(),
+                 lse->typed_data(), sc);
   });
-  return ffi::Error::Success();
 }
 
 ffi::Error BwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> seg,
@@ -454,19 +468,11 @@ ffi::Error BwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Bu
   if (auto e = check(q, k, v, &d); e.failure()) return e;
   if (o.element_type() != q.element_type() || dout.element_type() != q.element_type())
     return ffi::Error::InvalidArgument("sft_attention_bwd: out / dout dtype differs from q");
-  std::vector<RowMask> rows;
-  rows.reserve(d.B);
-  for (int b = 0; b < d.B; b++) rows.emplace_back(seg.typed_data() + long(b) * d.T, pos.typed_data() + long(b) * d.T, d.T, window);
-  const int nthreads = std::max(1, std::min<int>(int(threads), d.B * d.KV));
-  std::vector<Scratch> sc(nthreads);
-  for (auto& s : sc) s.buf.resize(size_t(8) * (d.Tp + 16) * d.D + 2 * BQ * BK + d.Tp + 64 * 12);
-  parallel_tasks(d.B * d.KV, nthreads, [&](int tid, int i) {
-    const int b = i / d.KV, kh = i % d.KV;
-    backward_task(d, b, kh, q.untyped_data(), k.untyped_data(), v.untyped_data(), o.untyped_data(),
-                  lse.typed_data(), dout.untyped_data(), rows[b], scale, dq->untyped_data(), dk->untyped_data(),
-                  dv->untyped_data(), sc[tid]);
+  const size_t floats = size_t(8) * (d.Tp + 16) * d.D + 2 * BQ * BK + d.Tp + 64 * 12;
+  return run_tasks(d, seg, pos, window, threads, floats, [&](int b, int kh, const RowMask& rm, Scratch& sc) {
+    backward_task(d, b, kh, q.untyped_data(), k.untyped_data(), v.untyped_data(), o.untyped_data(), lse.typed_data(),
+                  dout.untyped_data(), rm, scale, dq->untyped_data(), dk->untyped_data(), dv->untyped_data(), sc);
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace
