@@ -5,7 +5,7 @@
     python bench/ab_step.py --a "micro=1" --b "micro=8"
 
 Each variant is `key=value,...`: model policy overrides (as profile_step's --policy) plus `micro=M`
-(gradient-accumulation micro-batches), `unroll=N` (`sft_jax.models.attention.UNROLL`), an integer
+(gradient-accumulation micro-batches), `chunk=N` (chunked cross-entropy), `unroll=N` (`sft_jax.models.attention.UNROLL`), an integer
 constant of that module as `attn.NAME=N`, `native.FORCE=0|1` (XLA attention / the native CPU kernel), `llama.NAME=N`,
 and XLA compiler options by name (`xla_cpu_experimental_ynn_fusion_type=` compiles that variant's step with
 an empty YNNPACK fusion list: dots go to Eigen). On a shared or throttled machine the speed of the whole box
@@ -26,13 +26,15 @@ import vs_trl as V  # noqa: E402
 
 
 def parse(spec):
-    policy, micro, unroll, xla, attn = {}, 1, None, {}, {}
+    policy, micro, unroll, xla, attn, chunk = {}, 1, None, {}, {}, 0
     for kv in filter(None, spec.split(",")):
         k, v = kv.split("=")
         if k.startswith("xla_"):
             xla[k] = v
         elif k == "micro":
             micro = int(v)
+        elif k == "chunk":
+            chunk = int(v)
         elif k == "unroll":
             unroll = int(v)
         elif k.startswith(("attn.", "native.", "llama.")):  # a constant of sft_jax.models.attention / native_attention
@@ -41,7 +43,7 @@ def parse(spec):
             policy[k] = int(v) if v.isdigit() else v
     if unroll is not None:
         attn["attn.UNROLL"] = unroll
-    return policy, micro, attn, xla
+    return policy, (micro, chunk), attn, xla
 
 
 def with_compiler_options(st, options):
@@ -91,7 +93,7 @@ def main(argv=None):
         policy, micro, attn, xla = parse(spec)
         consts.append(attn)
         state = V.setup_sft_jax(mdir, batch_size=a.batch, lora=a.mode == "lora", lr=1e-3, steps=10**6, seed=0,
-                                policy=policy, step_opts=ts.StepOptions(micro_batches=micro))
+                                policy=policy, step_opts=ts.StepOptions(micro_batches=micro[0], loss_chunk_size=micro[1]))
         gens.append(V.sft_jax_steps(with_compiler_options(state[0], xla), *state[1:], batches))
         times.append([])
     def put(k, v):

@@ -81,9 +81,17 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("v5p", 459e12),
     ("tpu v5", 459e12),  # v5p reports "TPU v5"
     ("tpu v4", 275e12),
-    ("h200", 989e12),
-    ("h100", 989e12),
+    ("b200", 2250e12),
+    ("h200", 989e12),  # also GH200
+    ("h100 pcie", 756e12),
+    ("h100 nvl", 835e12),
+    ("h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("h800", 989e12),
     ("a100", 312e12),
+    ("a800", 312e12),
+    ("l40s", 362e12),  # before "l4": "NVIDIA L40S" contains it
+    ("nvidia l4", 121e12),
+    ("a10g", 70e12),
 )
 # Measured with `measure_matmul_peak` on the 2-core development machines (ENV_NOTES.md).
 CPU_PEAK_FLOPS = {"float32": 210e9, "bfloat16": 420e9}

@@ -81,6 +81,10 @@ def test_peak_flops_table_and_measure():
     assert M.peak_flops_per_device(device=Dev()) == 459e12
     Dev.device_kind, Dev.platform = "NVIDIA H100 80GB HBM3", "gpu"
     assert M.peak_flops_per_device(device=Dev()) == 989e12
+    for kind, peak in (("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12), ("NVIDIA L40S", 362e12),
+                       ("NVIDIA L4", 121e12), ("NVIDIA A100-SXM4-80GB", 312e12)):
+        Dev.device_kind = kind
+        assert M.peak_flops_per_device(device=Dev()) == peak, kind
     Dev.device_kind = "Some New Chip"
     assert math.isnan(M.peak_flops_per_device(device=Dev()))
     assert M.peak_flops_per_device(override=5e12, device=Dev()) == 5e12
