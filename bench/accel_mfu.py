@@ -4,7 +4,8 @@
     python bench/accel_mfu.py [--modes full,lora] [--seq 2048] [--batch 8] [--steps 12]
                               [--remat none,save_dots,full] [--out bench/accel_mfu_<card>.json]
     python bench/accel_mfu.py --toy      # a 2-layer model on CPU: the smoke run tests/ uses
-    python bench/accel_mfu.py --modes full --policy attention=dense   # model policy overrides
+    python bench/accel_mfu.py --modes full --policy attention=pallas  # model policy overrides (GPU: the
+                                                                       # Pallas/Triton attention kernel)
 
 The model has Llama-3.2-1B's shapes (`configs/shapes/llama3_2_1b/config.json`: hidden 2048, 16 layers,
 32 / 8 heads, MLP 8192, vocab 128256, tied embeddings, llama3 RoPE), random weights; bf16 compute,

@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),
-    "model.attention": ("flash", "dense"),
+    "model.attention": ("flash", "dense", "pallas"),
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
 }
@@ -40,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # dtype of the (frozen) base weights
     c.model.scan_layers = False
     c.model.remat = "none"
-    c.model.attention = "flash"  # training-path attention: flash (block-sparse) | dense (reference)
+    c.model.attention = "flash"  # training-path attention: flash (block-sparse) | dense (reference) | pallas (GPU kernel)
     c.model.attention_block = 0  # flash block size; 0 = auto
     # Used only when model.path is empty: a small Llama built by the project.
     c.model.tiny = ml_collections.ConfigDict()

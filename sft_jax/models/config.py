@@ -79,7 +79,8 @@ class ModelConfig:
     remat: str = "none"  # none | full | save_dots
     # training-path attention: "flash" (block-sparse online softmax, skips causal-upper and
     # cross-segment blocks, models/attention.py; on one CPU device the native kernel of
-    # models/native_attention.py) | "dense" (the [B,H,T,T] reference)
+    # models/native_attention.py) | "dense" (the [B,H,T,T] reference) | "pallas" (GPU: jax's Pallas/Triton
+    # flash-attention kernel, models/pallas_attention.py)
     attention: str = "flash"
     attention_block: int = 0  # flash block size; 0 = chosen from batch, heads and length
     # Unmanaged config.json fields, written back by to_hf (not part of hash/eq).
@@ -96,8 +97,8 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} not divisible by num_kv_heads={self.num_kv_heads}")
         if self.remat not in ("none", "full", "save_dots"):
             raise ValueError(f"remat must be none|full|save_dots, got {self.remat!r}")
-        if self.attention not in ("flash", "dense"):
-            raise ValueError(f"attention must be flash|dense, got {self.attention!r}")
+        if self.attention not in ("flash", "dense", "pallas"):
+            raise ValueError(f"attention must be flash|dense|pallas, got {self.attention!r}")
         if self.attention_block < 0 or (self.attention_block and self.attention_block % 16):
             raise ValueError(f"attention_block must be 0 (auto) or a positive multiple of 16, got {self.attention_block}")
         for f in ("dtype", "param_dtype"):

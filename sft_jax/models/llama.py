@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sft_jax.models import pallas_attention
 from sft_jax.models.attention import segment_attention
 from sft_jax.models.config import ModelConfig
 
@@ -521,6 +522,9 @@ class Attention(_Base):
             seg, pos = mask
             o = segment_attention(q, k, v, seg, pos, dtype=self.dt, sliding_window=c.sliding_window,
                                   block=c.attention_block)
+        elif c.attention == "pallas":  # the same function as jax's Pallas (Triton) GPU kernel
+            o = pallas_attention.attention(q, k, v, mask[0], dtype=self.dt, sliding_window=c.sliding_window,
+                                           block=c.attention_block)
         else:
             o = attend_causal(q, k, v, mask, self.dt)
         o = self.dense(c.hidden_size, ("heads", "embed"), c.attention_out_bias, "o_proj")(o)
@@ -574,7 +578,7 @@ class Llama(_Base):
         positions = positions.astype(jnp.int32)
         seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         cache_index = None
-        if cache is None and c.attention == "flash":
+        if cache is None and c.attention in ("flash", "pallas"):
             mask = (seg, positions)  # the attention builds its mask block by block
         elif cache is None:
             idx = jnp.arange(t)
