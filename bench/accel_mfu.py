@@ -212,7 +212,7 @@ def main(argv=None):
     ap.add_argument("--remat", default="none,save_dots,full", help="policies to try in order")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.0, help="0: 1e-5 full, 2e-4 LoRA")
-    ap.add_argument("--loss-chunk", type=int, default=1024)
+    ap.add_argument("--loss-chunk", type=int, default=256, help="chunked cross-entropy: positions per chunk (x rows)")
     ap.add_argument("--peak-n", type=int, default=8192, help="matmul size of the measured bf16 peak")
     ap.add_argument("--policy", default="", help="model policy overrides, e.g. attention=dense,attention_block=512")
     ap.add_argument("--layers", type=int, default=0, help="override the layer count (a quick smoke run)")

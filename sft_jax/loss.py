@@ -7,13 +7,16 @@ device never normalises by its own count.
 
 `cross_entropy_sums` works on materialised logits; `chunked_cross_entropy_sums` takes the
 final hidden states and the lm-head kernel and scans over chunks of the sequence, so the
-[B, T, V] logits never exist whole (each chunk's logits are recomputed in the backward pass).
+[B, T, V] logits never exist whole (fused: each chunk's gradients are made in the same pass).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _token_terms(logits, targets, z_loss: float):
@@ -48,36 +51,103 @@ def cross_entropy_sums(logits, targets, loss_mask, *, z_loss: float = 0.0) -> di
     }
 
 
+def _chunk_terms(h, kernel, tgt, m, z_loss: float, kernel_grad: bool):
+    """One chunk (h [B, c, D], tgt / m [B, c]): the three sums, d(loss_sum)/dh [B, c, D] (h's dtype) and
+    d(loss_sum)/dkernel [D, V] (float32; None without `kernel_grad`)."""
+    w = kernel.astype(h.dtype)
+    logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    total, ce, correct = _token_terms(logits, tgt, z_loss)
+    sums = jnp.stack([jnp.sum(total * m), jnp.sum(ce * m), jnp.sum(correct * m)])
+    # d(total)/dlogits = softmax * (1 + 2 z lse) - onehot(target); times the mask
+    mx = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - mx)
+    se = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / se
+    if z_loss:
+        lse = mx + jnp.log(se)
+        p = p * (1.0 + 2.0 * z_loss * lse)
+    onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == tgt[..., None].astype(jnp.int32)
+    dlogits = (jnp.where(onehot, p - 1.0, p) * m[..., None]).astype(h.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
+    dw = jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32) if kernel_grad else None
+    return sums, dh, dw
+
+
+def _fused_scan(hs, kernel, ts, ms, z_loss, kernel_grad):
+    d, v = kernel.shape
+
+    def body(carry, xs):
+        acc, dw = carry
+        sums, dh, dw_c = _chunk_terms(*xs[:1], kernel, *xs[1:], z_loss, kernel_grad)
+        return (acc + sums, dw + dw_c if kernel_grad else dw), dh
+
+    dw0 = jnp.zeros((d, v), jnp.float32) if kernel_grad else jnp.zeros((), jnp.float32)
+    (acc, dw), dhs = jax.lax.scan(body, (jnp.zeros((3,), jnp.float32), dw0), (hs, ts, ms))
+    return acc, dhs, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_sums(hs, kernel, ts, ms, z_loss, kernel_grad):
+    """Not differentiated (evaluation): the sums alone, no gradient work."""
+
+    def body(acc, xs):
+        h, tgt, m = xs
+        logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+        total, ce, correct = _token_terms(logits, tgt, z_loss)
+        return acc + jnp.stack([jnp.sum(total * m), jnp.sum(ce * m), jnp.sum(correct * m)]), None
+
+    return jax.lax.scan(body, jnp.zeros((3,), jnp.float32), (hs, ts, ms))[0]
+
+
+def _fused_fwd(hs, kernel, ts, ms, z_loss, kernel_grad):
+    acc, dhs, dw = _fused_scan(hs, kernel, ts, ms, z_loss, kernel_grad)
+    return acc, (dhs, dw, kernel, ts, ms)
+
+
+def _fused_bwd(z_loss, kernel_grad, res, g):
+    dhs, dw, kernel, ts, ms = res
+    gl = g[0]  # only loss_sum is differentiable (the caller stops the gradient of the others)
+    dk = (gl * dw).astype(kernel.dtype) if kernel_grad else jnp.zeros_like(kernel)
+    return ((gl * dhs.astype(jnp.float32)).astype(dhs.dtype), dk, np.zeros(ts.shape, jax.dtypes.float0),
+            jnp.zeros_like(ms))
+
+
+_fused_sums.defvjp(_fused_fwd, _fused_bwd)
+
+
 def chunked_cross_entropy_sums(
-    hidden, kernel, targets, loss_mask, *, chunk_size: int, z_loss: float = 0.0
+    hidden, kernel, targets, loss_mask, *, chunk_size: int, z_loss: float = 0.0, kernel_grad: bool = True
 ) -> dict:
     """Like `cross_entropy_sums(hidden @ kernel, ...)` without materialising [B, T, V].
 
     hidden: [B, T, D] (final-normed), kernel: [D, V]. The sequence is padded up to a multiple of
-    `chunk_size` (padding has mask 0) and scanned chunk by chunk; the chunk body is rematerialised
-    so the backward pass also holds only one chunk's logits at a time.
+    `chunk_size` (padding has mask 0) and scanned chunk by chunk. Fused forward and backward (the
+    Liger / "fused linear cross-entropy" scheme): each chunk's logits are made once, and the same pass
+    turns them into the gradients of `loss_sum` with respect to the chunk's hidden states and the
+    kernel, which the backward pass only scales by the incoming cotangent. So no [B, T, V] array, no
+    recomputed lm-head product in the backward, at the cost of holding d(loss)/d(hidden) ([B, T, D])
+    and d(loss)/d(kernel) ([D, V], float32) from the forward to the backward. Called without a gradient
+    (evaluation) it computes the sums alone.
+
+    Only `loss_sum` is differentiable; `ce_sum` and `correct` are returned under `stop_gradient`.
+    `kernel_grad=False` treats the kernel as a constant (a frozen LM head, e.g. LoRA): its gradient is
+    zero and its [D, V] accumulation is skipped.
     """
     b, t, d = hidden.shape
     n = -(-t // chunk_size)
     pad = n * chunk_size - t
     mask = loss_mask.astype(jnp.float32)
+    if not kernel_grad:
+        kernel = jax.lax.stop_gradient(kernel)
+    h, tg, m = hidden, targets, mask
     if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    # [n, B, c, ...]: scan over the chunk axis.
-    hs = hidden.reshape(b, n, chunk_size, d).swapaxes(0, 1)
-    ts = targets.reshape(b, n, chunk_size).swapaxes(0, 1)
-    ms = mask.reshape(b, n, chunk_size).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def chunk(h, tgt, m):
-        logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-        total, ce, correct = _token_terms(logits, tgt, z_loss)
-        return jnp.stack([jnp.sum(total * m), jnp.sum(ce * m), jnp.sum(correct * m)])
-
-    def body(acc, xs):
-        return acc + chunk(*xs), None
-
-    acc, _ = jax.lax.scan(body, jnp.zeros((3,), jnp.float32), (hs, ts, ms))
-    return {"loss_sum": acc[0], "ce_sum": acc[1], "correct": acc[2], "tokens": jnp.sum(mask)}
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        tg = jnp.pad(tg, ((0, 0), (0, pad)))
+        m = jnp.pad(m, ((0, 0), (0, pad)))
+    # [n, B, c, ...]: scan over the chunk axis (rows stay the batch axis: data sharding is kept)
+    hs = h.reshape(b, n, chunk_size, d).swapaxes(0, 1)
+    ts = tg.reshape(b, n, chunk_size).swapaxes(0, 1).astype(jnp.int32)
+    ms = m.reshape(b, n, chunk_size).swapaxes(0, 1)
+    acc = _fused_sums(hs, kernel, ts, ms, float(z_loss), bool(kernel_grad))
+    aux = jax.lax.stop_gradient(acc)
+    return {"loss_sum": acc[0], "ce_sum": aux[1], "correct": aux[2], "tokens": jnp.sum(mask)}

@@ -87,7 +87,8 @@ def _loss_sums(trainable, frozen, batch, *, model_config, lora_cfg, opts, train,
     if opts.loss_chunk_size > 0:
         kernel = llama.lm_head_kernel(params, model_config)
         return chunked_cross_entropy_sums(
-            out, kernel, batch["targets"], batch["loss_mask"], chunk_size=opts.loss_chunk_size, z_loss=opts.z_loss
+            out, kernel, batch["targets"], batch["loss_mask"], chunk_size=opts.loss_chunk_size, z_loss=opts.z_loss,
+            kernel_grad=not lora_cfg.enabled,  # LoRA: the LM head is frozen
         )
     return cross_entropy_sums(out, batch["targets"], batch["loss_mask"], z_loss=opts.z_loss)
 

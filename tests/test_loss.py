@@ -79,3 +79,60 @@ def test_chunked_lowers_temp_memory_128k_vocab():
     t_full, t_chunk = temp(full), temp(chunked)
     print(f"temp bytes: full={t_full} chunked(32)={t_chunk}")
     assert t_chunk < t_full / 4, (t_full, t_chunk)
+
+
+def _dots(jaxpr) -> int:
+    n = 0
+    for eq in jaxpr.eqns:
+        n += eq.primitive.name == "dot_general"
+        for v in eq.params.values():
+            for j in (v if isinstance(v, (list, tuple)) else [v]):
+                if hasattr(j, "jaxpr") and hasattr(j.jaxpr, "eqns"):
+                    n += _dots(j.jaxpr)
+                elif hasattr(j, "eqns"):
+                    n += _dots(j)
+    return n
+
+
+@pytest.mark.parametrize("kernel_grad", [True, False])
+def test_chunked_is_fused_and_frozen_kernel(data, kernel_grad):
+    """loss + grads trace to one pass of lm-head products (logits, d hidden, d kernel only when the kernel
+    trains): nothing is recomputed in the backward. A frozen kernel (`kernel_grad=False`, LoRA) gets a
+    zero gradient and the same loss and hidden gradient."""
+    hidden, kernel, targets, mask = data
+
+    def f(h, w):
+        s = chunked_cross_entropy_sums(h, w, targets, mask, chunk_size=5, z_loss=1e-3, kernel_grad=kernel_grad)
+        return s["loss_sum"] / s["tokens"]
+
+    g = jax.value_and_grad(f, argnums=(0, 1))
+    assert _dots(jax.make_jaxpr(g)(hidden, kernel).jaxpr) == (3 if kernel_grad else 2)
+    assert _dots(jax.make_jaxpr(f)(hidden, kernel).jaxpr) == 1  # no gradient asked: logits only
+    np.testing.assert_allclose(f(hidden, kernel), g(hidden, kernel)[0], rtol=1e-6)
+    (l, (gh, gw)) = g(hidden, kernel)
+    (lf, (ghf, gwf)) = jax.value_and_grad(
+        lambda h, w: (lambda s: s["loss_sum"] / s["tokens"])(cross_entropy_sums(h @ w, targets, mask, z_loss=1e-3)),
+        argnums=(0, 1))(hidden, kernel)
+    np.testing.assert_allclose(l, lf, rtol=1e-6)
+    np.testing.assert_allclose(gh, ghf, rtol=1e-5, atol=1e-7)
+    if kernel_grad:
+        np.testing.assert_allclose(gw, gwf, rtol=1e-5, atol=1e-7)
+    else:
+        assert not np.any(np.asarray(gw))
+
+
+def test_chunked_bf16_hidden(data):
+    hidden, kernel, targets, mask = data
+    hb = jnp.asarray(hidden, jnp.bfloat16)
+
+    def f(fn):
+        return jax.value_and_grad(lambda h, w: (lambda s: s["loss_sum"] / s["tokens"])(fn(h, w)), argnums=(0, 1))(
+            hb, kernel)
+
+    lc, (ghc, gwc) = f(lambda h, w: chunked_cross_entropy_sums(h, w, targets, mask, chunk_size=4))
+    lf, (ghf, gwf) = f(lambda h, w: cross_entropy_sums(
+        jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32), targets, mask))
+    assert ghc.dtype == jnp.bfloat16
+    np.testing.assert_allclose(lc, lf, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ghc, np.float32), np.asarray(ghf, np.float32), rtol=2e-2, atol=2e-3)
+    np.testing.assert_allclose(gwc, gwf, rtol=2e-2, atol=2e-3)

@@ -248,6 +248,18 @@ def test_chunked_loss_in_step(params, adapters, batch4):
     assert_trees_close(b, a, 1e-6)
 
 
+def test_chunked_loss_in_full_finetune_step(params, batch4):
+    """Full fine-tuning: the fused chunked loss also trains the LM head (its [D, V] gradient)."""
+    full = lora_lib.LoraConfig(rank=0)
+    trainable, frozen = lora_lib.split_trainable(params, full, jax.random.PRNGKey(0))
+    # eps=1e-3 as in test_accumulation: Adam's first update with eps=1e-8 is ~lr*sign(g)
+    a, _, ma = run_step(trainable, frozen, batch4, lora_cfg=full, opts=StepOptions(z_loss=1e-3), eps=1e-3)
+    b, _, mb = run_step(trainable, frozen, batch4, lora_cfg=full, opts=StepOptions(z_loss=1e-3, loss_chunk_size=5),
+                        eps=1e-3)
+    assert rel(mb["loss"], ma["loss"]) <= 1e-6 and rel(mb["grad_norm"], ma["grad_norm"]) <= 1e-6
+    assert_trees_close(b, a, 1e-6)
+
+
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
 
