@@ -16,7 +16,9 @@ LIMA-like lengths (log-normal, median ~420 tokens, 60% of tokens trained), each 
 single-card row), chunked cross-entropy (no [rows, T, vocab] logits).
 
 For each mode the script tries the `--remat` policies in order and keeps the first that fits (an
-out-of-memory compile/run is recorded and skipped). It prints and records: the device kind, the card's
+out-of-memory compile/run is recorded and the next policy tried; any other error is printed and ends that
+mode). Every run, and the device probe, is its own process: each starts with the whole device memory
+(`XLA_PYTHON_CLIENT_MEM_FRACTION` 0.92 unless set) and its own peak-memory counter. It prints and records: the device kind, the card's
 bf16 dense peak (vendor numbers: `sft_jax.metrics.PEAK_FLOPS`, the trainer's MFU table) and a bf16
 matmul rate measured here, compile time, median step time (steps 2..N), real tokens/s, model FLOPs per
 step and MFU, and peak device memory. (XLA's `cost_analysis` is not used: it counts a scanned layer's
@@ -201,9 +203,55 @@ def run_mode(mc_json: dict, mode: str, remat: str, a, batches) -> dict:
             "peak_memory_bytes": peak_memory(dev)}
 
 
+def _device_info(a) -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count(), "jax": jax.__version__,
+            "card_peak": card_peak(dev), "measured_bf16_peak": measure_bf16_peak(a.peak_n)}
+
+
+def _child(a, mc_json, what: str, out: Path) -> None:
+    """One measurement in this (fresh) process: `info` (device, peaks) or `MODE:REMAT` (one training run).
+    Writes {"info"} / {"row"} / {"oom": message} as JSON to `out`."""
+    if what == "info":
+        out.write_text(json.dumps({"info": _device_info(a)}))
+        return
+    mode, remat = what.split(":")
+    batches = synthetic_batches(a.steps, a.batch, a.seq, mc_json["vocab_size"])
+    try:
+        if os.environ.get("ACCEL_MFU_FAKE_OOM") == remat:  # tests: exercise the remat fallback without a GPU
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory (ACCEL_MFU_FAKE_OOM)")
+        row = run_mode(mc_json, mode, remat, a, batches)
+    except Exception as e:  # noqa: BLE001
+        if not is_oom(e):
+            raise
+        out.write_text(json.dumps({"oom": str(e).splitlines()[0][:300]}))
+        return
+    out.write_text(json.dumps({"row": row}))
+
+
+def _spawn(argv: list[str], what: str) -> dict:
+    """Run `_child(what)` in a new process: each run starts with the whole device memory and its own peak-memory
+    counter (jax cannot reset either), and the parent never touches the accelerator."""
+    import subprocess
+    import tempfile
+
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # as launch/gpu_slurm.sh (default 0.75)
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "child.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--child", what,
+                               "--child-out", str(out)], env=env, capture_output=True, text=True)
+        if out.exists():
+            return json.loads(out.read_text())
+        return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--toy", action="store_true", help="2-layer toy model, T 128, batch 2, 3 steps (CPU smoke run)")
+    ap.add_argument("--toy", action="store_true", help="2-layer toy model, T 128, batch 2, 5 steps (CPU smoke run)")
     ap.add_argument("--shapes", default=str(ROOT / "configs" / "shapes" / "llama3_2_1b" / "config.json"))
     ap.add_argument("--modes", default="full,lora")
     ap.add_argument("--seq", type=int, default=2048)
@@ -217,6 +265,8 @@ def main(argv=None):
     ap.add_argument("--policy", default="", help="model policy overrides, e.g. attention=dense,attention_block=512")
     ap.add_argument("--layers", type=int, default=0, help="override the layer count (a quick smoke run)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.toy:
         a.seq, a.batch, a.steps, a.peak_n, a.loss_chunk, a.lr = 128, 2, 5, 512, 64, a.lr or 3e-3
@@ -225,49 +275,51 @@ def main(argv=None):
         mc_json = json.loads(Path(a.shapes).read_text())
     if a.layers:
         mc_json["num_hidden_layers"] = a.layers
+    if a.child:
+        return _child(a, mc_json, a.child, Path(a.child_out))
 
-    import jax
-
-    dev = jax.devices()[0]
-    kind = dev.device_kind
-    spec = card_peak(dev)
-    measured = measure_bf16_peak(a.peak_n)
+    info = _spawn(argv, "info")
+    if "info" not in info:
+        raise RuntimeError(f"accel_mfu: the device probe failed: {info.get('error')}")
+    info = info["info"]
+    spec, measured = info["card_peak"], info["measured_bf16_peak"]
     peak = spec or measured
-    print(f"# bench/accel_mfu.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"# device: {dev.platform} {kind} x{jax.device_count()}  jax {jax.__version__}  "
+    print(f"# bench/accel_mfu.py {' '.join(argv)}")
+    print(f"# device: {info['platform']} {info['kind']} x{info['count']}  jax {info['jax']}  "
           f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# bf16 peak: card {spec / 1e12 if spec else float('nan'):.0f} TFLOP/s (vendor, dense), measured "
           f"{measured / 1e12:.1f} TFLOP/s ({a.peak_n}^3 matmul); MFU below is against "
           f"{'the card' if spec else 'the measured peak (no card entry)'}")
-    vocab = mc_json["vocab_size"]
-    batches = synthetic_batches(a.steps, a.batch, a.seq, vocab)
-    print(f"# model {Path(a.shapes).parent.name if not a.toy else 'toy'}, {mc_json['num_hidden_layers']} layers: rows {a.batch} x T {a.seq}, "
-          f"{statistics.mean(sum(ls) for _, ls in batches):.0f} real tokens/step, steps {a.steps}")
-    results = {"device": {"platform": dev.platform, "kind": kind, "count": jax.device_count()},
-               "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "card_peak": spec, "measured_bf16_peak": measured, "args": vars(a), "rows": []}
-    print("mode  remat      compile s  step s  tokens/s   model TFLOP/s  MFU     peak mem GiB  loss first->last")
+    batches = synthetic_batches(a.steps, a.batch, a.seq, mc_json["vocab_size"])  # the children make the same
+    print(f"# model {Path(a.shapes).parent.name if not a.toy else 'toy'}, {mc_json['num_hidden_layers']} layers: "
+          f"rows {a.batch} x T {a.seq}, {statistics.mean(sum(ls) for _, ls in batches):.0f} real tokens/step, "
+          f"steps {a.steps}; each run in its own process", flush=True)
+    results = {"device": {k: info[k] for k in ("platform", "kind", "count")}, "jax": info["jax"],
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "card_peak": spec,
+               "measured_bf16_peak": measured, "args": {k: v for k, v in vars(a).items() if not k.startswith("child")},
+               "rows": []}
+    print("mode  remat      compile s  step s  tokens/s   model TFLOP/s  MFU     peak mem GiB  loss first->last",
+          flush=True)
     for mode in [m for m in a.modes.split(",") if m]:
-        row = None
         for remat in [r for r in a.remat.split(",") if r]:
-            try:
-                row = run_mode(mc_json, mode, remat, a, batches)
-                break
-            except Exception as e:  # noqa: BLE001
-                if not is_oom(e):
-                    raise
-                print(f"{mode:5s} {remat:9s}  out of memory: {str(e).splitlines()[0][:120]}")
-                results["rows"].append({"mode": mode, "remat": remat, "error": "out of memory"})
-                jax.clear_caches()
-        if row is None:
-            continue
-        row["mfu"] = row["model_flops_per_s"] / peak
-        results["rows"].append(row)
-        mem = row["peak_memory_bytes"]
-        print(f"{mode:5s} {row['remat']:9s}  {row['compile_s']:9.1f}  {row['median_step_s']:6.3f}  "
-              f"{row['tokens_per_s']:9.0f}  {row['model_flops_per_s'] / 1e12:13.2f}  {row['mfu']:6.1%}  "
-              f"{mem / 2**30 if mem else float('nan'):12.1f}  "
-              f"{row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}")
+            res = _spawn(argv, f"{mode}:{remat}")
+            if "row" not in res:
+                why = "out of memory: " + res["oom"] if "oom" in res else "failed: " + res["error"]
+                print(f"{mode:5s} {remat:9s}  {why.splitlines()[0][:160]}" + ("" if "oom" in res else
+                      "\n" + res["error"][-1500:]), flush=True)
+                results["rows"].append({"mode": mode, "remat": remat, "error": why})
+                if "oom" in res:
+                    continue  # the next remat policy
+                break  # any other failure: this mode is done
+            row = res["row"]
+            row["mfu"] = row["model_flops_per_s"] / peak
+            results["rows"].append(row)
+            mem = row["peak_memory_bytes"]
+            print(f"{mode:5s} {row['remat']:9s}  {row['compile_s']:9.1f}  {row['median_step_s']:6.3f}  "
+                  f"{row['tokens_per_s']:9.0f}  {row['model_flops_per_s'] / 1e12:13.2f}  {row['mfu']:6.1%}  "
+                  f"{mem / 2**30 if mem else float('nan'):12.1f}  "
+                  f"{row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}", flush=True)
+            break
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
         print(f"# wrote {a.out}")

@@ -71,3 +71,29 @@ def test_accel_mfu_toy_run(tmp_path, repo_dir):
     full, lora = res["rows"]
     assert lora["trainable_params"] < full["trainable_params"] / 2
     assert "full" in proc.stdout and "MFU" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_accel_mfu_remat_fallback_and_errors(tmp_path, repo_dir):
+    """An out-of-memory run falls back to the next remat policy (recorded); any other failure (here the GPU-only
+    Pallas attention on CPU) is reported with its error and ends that mode."""
+    out = tmp_path / "r.json"
+    env = dict(os.environ, ACCEL_MFU_FAKE_OOM="none")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(BENCH / "accel_mfu.py"), "--toy", "--modes", "lora",
+                           "--remat", "none,full", "--out", str(out)],
+                          cwd=repo_dir, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0] == {"mode": "lora", "remat": "none", "error": rows[0]["error"]}
+    assert rows[0]["error"].startswith("out of memory")
+    assert rows[1]["remat"] == "full" and rows[1]["losses"][-1] < rows[1]["losses"][0]
+    env.pop("ACCEL_MFU_FAKE_OOM")
+    proc = subprocess.run([sys.executable, str(BENCH / "accel_mfu.py"), "--toy", "--modes", "full",
+                           "--policy", "attention=pallas", "--out", str(out)],
+                          cwd=repo_dir, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["error"].startswith("failed") and "GPU" in rows[0]["error"]
+    assert "attention='pallas' is the GPU" in proc.stdout
