@@ -16,8 +16,8 @@ Differences, none visible to training:
 
 Limits (each a clear error at trace time): GPU backend only (tests run the kernel on CPU through Pallas'
 interpreter by setting `INTERPRET = True`); no sliding window (use `flash`); T must be a multiple of the
-block size (`model.attention_block`, default 128, or the whole length when T <= 128). One device or a
-data-parallel mesh: the Pallas call has no sharding rule, so under a sharded mesh XLA gathers its operands.
+block size (`model.attention_block`, default 128, or the whole length when T <= 128). Under the train step's
+mesh the kernel runs per device on its rows (data, fsdp) and heads (tensor) through `jax.shard_map`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ BACKWARD_BLOCK = 32  # the kernel's own default for its dK/dV and dQ passes
 
 
 def _block(t: int, requested: int) -> int:
-    c = requested or min(DEFAULT_BLOCK, t)
+    c = min(requested or DEFAULT_BLOCK, t)  # a row shorter than a block is one block
     if t % c:
         raise ValueError(
             f"attention='pallas' needs the sequence length ({t}) to be a multiple of the block size ({c}): "
@@ -56,11 +56,29 @@ def attention(q, k, v, segment_ids, *, dtype, sliding_window=None, block: int = 
     c = _block(t, block)
     bw = min(BACKWARD_BLOCK, c)
     dt = jnp.dtype(dtype)
-    k, v = k.astype(dt), v.astype(dt)
-    if g > 1:
-        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
     sizes = pallas_mha.BlockSizes(block_q=c, block_k=c, block_q_dkv=bw, block_kv_dkv=bw, block_q_dq=bw,
                                   block_kv_dq=bw)
-    o = pallas_mha.mha(q.astype(dt), k, v, segment_ids.astype(jnp.int32), sm_scale=hd**-0.5, causal=True,
-                       block_sizes=sizes, interpret=INTERPRET)
+
+    def local(q, k, v, seg):
+        if g > 1:
+            k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+        return pallas_mha.mha(q, k, v, seg, sm_scale=hd**-0.5, causal=True, block_sizes=sizes, interpret=INTERPRET)
+
+    o = _per_shard(local, q.astype(dt), k.astype(dt), v.astype(dt), segment_ids.astype(jnp.int32))
     return o.reshape(b, t, h * hd)
+
+
+def _per_shard(fn, q, k, v, seg):
+    """`fn` on each device's block of rows (mesh axes data, fsdp) and heads (tensor) under the step's mesh
+    (`jax.shard_map`): the kernel has no sharding rule of its own, and attention needs nothing across rows or
+    heads. Without a mesh of several devices, `fn` directly."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, seg)
+    rows = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1) or None
+    heads = "tensor" if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 else None
+    spec = P(rows, None, heads, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, P(rows, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, seg)
