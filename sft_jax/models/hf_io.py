@@ -128,11 +128,17 @@ def _sharding_for(shardings, path):
 
 
 def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32", shardings=None,
-            scan_layers: bool = False, remat: str = "none", **policy) -> tuple[ModelConfig, dict]:
+            scan_layers: bool = False, remat: str = "none", transform: Callable | None = None,
+            **policy) -> tuple[ModelConfig, dict]:
     """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3 directory -> (ModelConfig, params).
 
     `shardings`: None (default device), a tree of `jax.sharding.Sharding` with the params'
     structure, or a callable `path_tuple -> Sharding` (path like ('layers_0','attn','q_proj','kernel')).
+    `transform`: optional per-tensor transform, `transform(path)` -> None (load as usual) or a
+    function `host array (our layout, param dtype) -> host pytree` (e.g. quantisation, `sft_jax.quant`)
+    whose result replaces the leaf: each tensor (each layer's, for a stacked leaf, stacked
+    afterwards) is read whole, transformed and dropped, so the host holds one untransformed tensor
+    at a time; the result is placed with `shardings` at that path (a matching tree of shardings, or None).
     """
     config = read_config(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, **policy)
     files = _weight_files(path)
@@ -199,6 +205,14 @@ def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32", 
             target = tuple(_get(shapes, ours).shape)
             stacked = ours[0] == "layers"
             sharding = _sharding_for(shardings, ours)
+            fn = transform(ours) if transform is not None else None
+            if fn is not None:
+                parts = [fn(read(name, transpose)) for name in names]
+                leaf = jax.tree.map(lambda *xs: np.stack(xs), *parts) if stacked else parts[0]
+                del parts
+                _set(params, ours, jax.device_put(leaf, sharding))
+                whole.clear()
+                continue
             if sharding is None:
                 if stacked:
                     host = np.empty(target, pdt)
