@@ -19,6 +19,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.truncation": ("truncate", "drop"),
     "data.train_on": ("all_assistant", "last_assistant", "all"),
     "data.packer": ("first_fit", "best_fit"),
+    "data.reasoning": ("keep", "drop"),
     "train.schedule": ("constant", "linear", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -74,6 +75,14 @@ def default_config() -> ml_collections.ConfigDict:
     # tokenizer as special tokens; the model vocab must then be resized to len(tokenizer).
     # False = markers tokenize as plain text pieces (stories260K's 512-piece vocab stays as is).
     c.data.add_template_tokens = True
+    # (data, issue 22) column mapping "field:column,..." for non-standard names, e.g.
+    # "instruction:question,output:answer" (the instruction is read from column "question").
+    c.data.columns = ""
+    c.data.reasoning = "keep"  # keep | drop the assistant's reasoning_content / <think> block
+    # read sources lazily (JSONL line offsets, Parquet row groups, memory-mapped Arrow) instead of
+    # whole; rows are then validated when reached and shuffled by blocks (see shuffle_window)
+    c.data.streaming = False
+    c.data.shuffle_window = 16  # streaming: blocks (row groups / 1024-row chunks) shuffled together
 
     # ---------------------------------------------------------------- train
     c.train = ml_collections.ConfigDict()
@@ -176,7 +185,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         elif key in CHOICES and val not in CHOICES[key]:
             problems.append(f"config field '{key}' = {val!r} is not one of {list(CHOICES[key])}")
     if not problems:
-        for key in ("train.batch_size", "train.micro_batches", "data.max_length"):
+        for key in ("train.batch_size", "train.micro_batches", "data.max_length", "data.shuffle_window"):
             if given[key] <= 0:
                 problems.append(f"config field '{key}' must be > 0, got {given[key]}")
         if given["train.batch_size"] % max(given["train.micro_batches"], 1):

@@ -1,37 +1,59 @@
-"""Readers and formats: JSON / JSONL rows -> normalised conversations.
+"""Readers and formats: rows of any source -> normalised conversations.
 
-A conversation is a list of ``{"role": "system"|"user"|"assistant", "content": str}``.
-Every row becomes exactly one conversation or raises :class:`DataError` naming the
-file, the line and the field.  Nothing is dropped silently here; the only skips in
-the data path (no trainable token, over-long with ``truncation=drop``) happen after
-tokenization and are counted (see ``pipeline.DataStats``).
+A conversation is a list of messages ``{"role": "system"|"user"|"assistant"|"tool",
+"content": str}``; an assistant message may also carry ``tool_calls`` (OpenAI form,
+``[{"type": "function", "function": {"name": str, "arguments": dict}, "id"?: str}]``) and
+``reasoning_content`` (str); a tool message may carry ``tool_call_id``.  A record is
+``{"messages": [...], "source": "file:line"}`` plus ``"tools"`` (a list of JSON schemas,
+``[{"type": "function", "function": {...}}]``) when the row or its file has any.
+
+Every row becomes exactly one record or raises :class:`DataError` naming the file, the
+line (the 1-based row for Parquet / Arrow) and the field.  Nothing is dropped silently
+here; the only skips in the data path (no trainable token, over-long with
+``truncation=drop``) happen after tokenization and are counted (``pipeline.DataStats``).
 
 Supported row formats (detected per file from its first row, or forced by ``data.format``):
 
 - ``alpaca``: ``instruction``, ``input`` (optional), ``output``, optional ``system`` and
   ``history`` (a list of ``[user, assistant]`` pairs that come BEFORE the instruction).
-- ``sharegpt``: ``conversations``: ``[{"from": "human"|"gpt"|"system", "value": ...}]``.
-- ``messages`` (OpenAI): ``messages``: ``[{"role": ..., "content": ...}]``.
+- ``sharegpt``: ``conversations``: ``[{"from": "human"|"gpt"|"system"|"function_call"|
+  "observation", "value": ...}]`` and optional ``tools`` (LLaMA-Factory's convention: a
+  ``function_call`` value is ``{"name", "arguments"}`` JSON (or a list of them) and becomes
+  an assistant tool call; an ``observation`` is the tool result).
+- ``messages`` (OpenAI): ``messages``: ``[{"role": ..., "content": ..., "tool_calls"?,
+  "reasoning_content"?, "tool_call_id"?}]`` and optional ``tools``.
 - ``prompt_completion``: ``prompt`` and ``completion`` (optional ``system``).
+
+Sources (``sources.py``): JSON, JSONL (also ``.gz`` / ``.zst``), Parquet, Arrow,
+``datasets.save_to_disk`` directories and ``hf:`` hub ids.  ``data.columns`` renames
+columns (``instruction:question`` = the ``instruction`` field is read from column
+``question``).  In a JSON/JSONL file a row that holds only ``tools`` is a file header:
+its tools apply to the rows after it that have none of their own.
+
+Reasoning: ``reasoning_content`` (also ``reasoning`` / ``thinking``) or a
+``<think>...</think>`` block in front of the content (split off as Qwen3's template does)
+becomes the message's ``reasoning_content``; ``reasoning="drop"`` removes it.
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
+import numpy as np
+
+from sft_jax.data import sources
+from sft_jax.data.errors import DataError
+
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+REASONING = ("keep", "drop")
 _SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+    "function_call": "assistant", "observation": "tool", "tool": "tool",
 }
-_DATA_SUFFIXES = (".json", ".jsonl")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line and the field."""
+_REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 
 
 def _where(path: str, line: int | None) -> str:
@@ -42,27 +64,21 @@ def _where(path: str, line: int | None) -> str:
 
 
 def expand_paths(spec: str) -> list[str]:
-    """``data.path`` -> list of files: a file, comma-separated files, or directories
-    (every ``*.json``/``*.jsonl`` inside, sorted)."""
+    """``data.path`` -> list of sources: files, comma-separated entries, directories (every
+    data file inside, sorted), ``datasets.save_to_disk`` directories and ``hf:`` ids."""
     files: list[str] = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        p = pathlib.Path(part).expanduser()
-        if p.is_dir():
-            found = sorted(str(f) for f in p.iterdir() if f.suffix in _DATA_SUFFIXES and f.is_file())
-            if not found:
-                raise DataError(f"{p}: directory holds no .json or .jsonl files")
-            files.extend(found)
-        elif p.is_file():
-            files.append(str(p))
-        else:
-            raise DataError(f"{p}: no such file or directory (from data.path={spec!r})")
+        try:
+            files.extend(sources.expand_entry(part))
+        except DataError as e:
+            raise DataError(f"{e} (from data.path={spec!r})") from None
     if not files:
         raise DataError(f"data.path={spec!r} names no files")
     return files
 
 
 def _decode(path: str) -> str:
-    raw = pathlib.Path(path).read_bytes()
+    raw = sources.read_bytes(path)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -71,13 +87,13 @@ def _decode(path: str) -> str:
         raise DataError(f"{path}:{line}: invalid UTF-8 (byte {raw[e.start]:#04x} at column {col})") from None
 
 
-def read_rows(path: str) -> list[tuple[dict, int]]:
-    """All rows of one JSON (array or single object) or JSONL file, with their line numbers."""
+def _read_json_text(path: str) -> list[tuple[dict, int]]:
     text = _decode(path)
     if not text.strip():
         raise DataError(f"{path}: empty file (no rows)")
     stripped = text.lstrip()
     rows: list[tuple[Any, int]] = []
+    is_json = sources.suffix_of(path) in sources.JSON_SUFFIXES
     if stripped.startswith("["):
         dec = json.JSONDecoder()
         i = text.index("[") + 1
@@ -95,7 +111,7 @@ def read_rows(path: str) -> list[tuple[dict, int]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
             rows.append((obj, line))
-    elif path.endswith(".json") and stripped.startswith("{") and "\n{" not in stripped.strip():
+    elif is_json and stripped.startswith("{") and "\n{" not in stripped.strip():
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -117,6 +133,15 @@ def read_rows(path: str) -> list[tuple[dict, int]]:
     return rows  # type: ignore[return-value]
 
 
+def read_rows(path: str) -> list[tuple[dict, int]]:
+    """All rows of one source (see :func:`expand_paths`) with their line numbers (the
+    1-based row for Parquet / Arrow / hub data sets).  Loads the whole source."""
+    if sources.suffix_of(path) in sources.JSON_SUFFIXES + sources.JSONL_SUFFIXES:
+        return _read_json_text(path)
+    src = sources.open_source(path, _read_json_text)
+    return [(src.row(i)[0], i + 1) for i in range(len(src))]
+
+
 # --------------------------------------------------------------------------- formats
 
 
@@ -131,8 +156,32 @@ def detect_format(row: dict, where: str = "") -> str:
         return "prompt_completion"
     raise DataError(
         f"{where}: cannot detect the row format from fields {sorted(row)}; expected one of "
-        "messages / conversations / instruction+output / prompt+completion (or set data.format)"
+        "messages / conversations / instruction+output / prompt+completion (or set data.format / data.columns)"
     )
+
+
+def parse_columns(spec: str) -> dict[str, str]:
+    """``data.columns`` ("field:column,...") -> {field: column}."""
+    out: dict[str, str] = {}
+    for part in [p.strip() for p in (spec or "").split(",") if p.strip()]:
+        field, sep, column = part.partition(":")
+        if not sep or not field.strip() or not column.strip():
+            raise DataError(f"data.columns={spec!r}: {part!r} is not FIELD:COLUMN")
+        out[field.strip()] = column.strip()
+    return out
+
+
+def map_columns(row: dict, columns: dict[str, str], where: str) -> dict:
+    """Rename the columns of ``row`` to the standard field names (``columns``: {field: column})."""
+    if not columns:
+        return row
+    row = dict(row)
+    for field, column in columns.items():
+        if column not in row:
+            raise DataError(f"{where}: missing column '{column}' (data.columns maps {field}:{column}; "
+                            f"the row has {sorted(row)})")
+        row[field] = row.pop(column)
+    return row
 
 
 def _str(row: dict, field: str, where: str, *, required: bool = True, label: str | None = None) -> str:
@@ -154,6 +203,63 @@ def _list(row: dict, field: str, where: str) -> list:
     if not isinstance(v, list):
         raise DataError(f"{where}: field '{field}' must be a list, got {type(v).__name__}")
     return v
+
+
+def _json_value(v, where: str, label: str):
+    """A JSON-encoded string -> its value (other values pass through)."""
+    if not isinstance(v, str):
+        return v
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: field '{label}' is not valid JSON: {e.msg} (column {e.colno}): {v[:80]!r}") from None
+
+
+def parse_tools(value, where: str, label: str = "tools") -> list[dict]:
+    """A ``tools`` value (a list or its JSON text) -> ``[{"type": "function", "function": {...}}]``."""
+    value = _json_value(value, where, label)
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{label}' must be a list of tool schemas, got {type(value).__name__}")
+    out = []
+    for k, tool in enumerate(value):
+        f = f"{label}[{k}]"
+        if not isinstance(tool, dict):
+            raise DataError(f"{where}: field '{f}' must be an object, got {type(tool).__name__}")
+        fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(f"{where}: field '{f}' must be a function schema with a 'name' "
+                            "({'type': 'function', 'function': {'name': ..., 'parameters': ...}})")
+        out.append({"type": "function", "function": {k2: v for k2, v in fn.items() if v is not None}})
+    return out
+
+
+def _tool_call(call, where: str, label: str) -> dict:
+    """One OpenAI tool call (or a flat ``{"name", "arguments"}``) -> the normalised form."""
+    call = _json_value(call, where, label)
+    if not isinstance(call, dict):
+        raise DataError(f"{where}: field '{label}' must be an object, got {type(call).__name__}")
+    fn = call.get("function") if call.get("function") is not None else call
+    flabel = f"{label}.function" if call.get("function") is not None else label
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise DataError(f"{where}: field '{flabel}.name' is missing (a tool call needs a function name)")
+    args = fn.get("arguments", fn.get("parameters", {}))
+    args = {} if args is None else _json_value(args, where, f"{flabel}.arguments")
+    if not isinstance(args, dict):
+        raise DataError(f"{where}: field '{flabel}.arguments' must be a JSON object, got {type(args).__name__}")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if call.get("id") is not None:
+        if not isinstance(call["id"], str):
+            raise DataError(f"{where}: field '{label}.id' must be a string")
+        out["id"] = call["id"]
+    return out
+
+
+def split_think(content: str) -> tuple[str, str | None]:
+    """``<think>r</think>c`` -> ``(c, r)`` as Qwen3's template splits it; no block -> ``(content, None)``."""
+    if "</think>" not in content:
+        return content, None
+    head, _, tail = content.partition("</think>")
+    return tail.lstrip("\n"), head.rstrip("\n").split("<think>")[-1].lstrip("\n")
 
 
 def _from_alpaca(row: dict, where: str) -> list[dict]:
@@ -181,33 +287,72 @@ def _from_alpaca(row: dict, where: str) -> list[dict]:
     return msgs
 
 
-def _from_turns(row: dict, where: str, field: str, role_key: str, content_key: str, role_map: dict | None) -> list[dict]:
-    turns = _list(row, field, where)
+def _message(turn: dict, role: str, where: str, f: str, content_key: str) -> dict:
+    """One OpenAI-style message -> normalised (tool calls parsed, reasoning split off)."""
+    calls = turn.get("tool_calls")
+    has_calls = role == "assistant" and bool(calls)
+    content = _str(turn, content_key, where, label=f"{f}.{content_key}", required=not has_calls)
+    if calls and role != "assistant":
+        raise DataError(f"{where}: field '{f}.tool_calls': only assistant messages make tool calls")
+    msg: dict = {"role": role, "content": content}
+    if has_calls:
+        if not isinstance(calls, list):
+            raise DataError(f"{where}: field '{f}.tool_calls' must be a list, got {type(calls).__name__}")
+        msg["tool_calls"] = [_tool_call(c, where, f"{f}.tool_calls[{j}]") for j, c in enumerate(calls)]
+    if role == "assistant":
+        reasoning = next((turn[k] for k in _REASONING_FIELDS if turn.get(k) is not None), None)
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise DataError(f"{where}: field '{f}.reasoning_content' must be a string")
+        if reasoning is None:
+            content, reasoning = split_think(content)
+            msg["content"] = content
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
+    if role == "tool" and turn.get("tool_call_id") is not None:
+        msg["tool_call_id"] = _str(turn, "tool_call_id", where, label=f"{f}.tool_call_id")
+    return msg
+
+
+def _from_messages(row: dict, where: str) -> list[dict]:
     msgs = []
-    for k, turn in enumerate(turns):
-        f = f"{field}[{k}]"
+    for k, turn in enumerate(_list(row, "messages", where)):
+        f = f"messages[{k}]"
         if not isinstance(turn, dict):
             raise DataError(f"{where}: field '{f}' must be an object, got {type(turn).__name__}")
-        role = _str(turn, role_key, where, label=f"{f}.{role_key}")
-        if role_map is not None:
-            if role not in role_map:
-                raise DataError(f"{where}: field '{f}.{role_key}': unknown role {role!r} (known: {sorted(role_map)})")
-            role = role_map[role]
-        elif role not in ROLES:
-            raise DataError(f"{where}: field '{f}.{role_key}': unknown role {role!r} (known: {list(ROLES)})")
-        content = _str(turn, content_key, where, label=f"{f}.{content_key}")
-        msgs.append({"role": role, "content": content})
+        role = _str(turn, "role", where, label=f"{f}.role")
+        if role not in ROLES:
+            raise DataError(f"{where}: field '{f}.role': unknown role {role!r} (known: {list(ROLES)})")
+        msgs.append(_message(turn, role, where, f, "content"))
+    return msgs
+
+
+def _from_sharegpt(row: dict, where: str) -> list[dict]:
+    msgs = []
+    for k, turn in enumerate(_list(row, "conversations", where)):
+        f = f"conversations[{k}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: field '{f}' must be an object, got {type(turn).__name__}")
+        who = _str(turn, "from", where, label=f"{f}.from")
+        if who not in _SHAREGPT_ROLES:
+            raise DataError(f"{where}: field '{f}.from': unknown role {who!r} (known: {sorted(_SHAREGPT_ROLES)})")
+        if who == "function_call":
+            value = _json_value(_str(turn, "value", where, label=f"{f}.value"), where, f"{f}.value")
+            calls = value if isinstance(value, list) else [value]
+            msgs.append({"role": "assistant", "content": "",
+                         "tool_calls": [_tool_call(c, where, f"{f}.value") for c in calls]})
+        else:
+            msgs.append(_message(turn, _SHAREGPT_ROLES[who], where, f, "value"))
     return msgs
 
 
 def row_to_conversation(row: dict, fmt: str, where: str, system_prompt: str = "") -> list[dict]:
-    """One row -> a validated conversation (list of {role, content})."""
+    """One row -> a validated conversation (list of messages)."""
     if fmt == "alpaca":
         msgs = _from_alpaca(row, where)
     elif fmt == "sharegpt":
-        msgs = _from_turns(row, where, "conversations", "from", "value", _SHAREGPT_ROLES)
+        msgs = _from_sharegpt(row, where)
     elif fmt == "messages":
-        msgs = _from_turns(row, where, "messages", "role", "content", None)
+        msgs = _from_messages(row, where)
     elif fmt == "prompt_completion":
         msgs = []
         system = _str(row, "system", where, required=False)
@@ -224,36 +369,106 @@ def row_to_conversation(row: dict, fmt: str, where: str, system_prompt: str = ""
 
 
 def validate_conversation(msgs: list[dict], where: str) -> None:
+    """Roles in order: system first only, an assistant to train on, and every tool result
+    answering a tool call of the assistant turn before it (by ``tool_call_id`` when given)."""
     if not msgs:
         raise DataError(f"{where}: empty conversation")
+    pending: list[dict] = []  # calls of the last assistant turn not answered yet
     for k, m in enumerate(msgs):
         if m["role"] == "system" and k != 0:
             raise DataError(f"{where}: message {k}: a system message may only come first")
+        if m["role"] == "assistant":
+            pending = list(m.get("tool_calls", []))
+        elif m["role"] == "tool":
+            if not pending:
+                raise DataError(f"{where}: message {k}: a tool result with no tool call before it "
+                                "(an assistant message with tool_calls must precede it)")
+            cid = m.get("tool_call_id")
+            ids = [c.get("id") for c in pending]
+            if cid is not None and any(ids):
+                if cid not in ids:
+                    raise DataError(f"{where}: message {k}: field 'tool_call_id' {cid!r} answers no pending "
+                                    f"tool call (pending ids: {[i for i in ids if i]})")
+                pending.pop(ids.index(cid))
+            else:
+                pending.pop(0)
+        else:
+            pending = []
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: conversation has no assistant message (nothing to train on)")
 
 
-def load_conversations(path_spec: str, fmt: str = "auto", system_prompt: str = "") -> list[dict]:
-    """Read every file of ``path_spec``; returns records ``{"messages": [...], "source": "file:line"}``."""
+def row_to_record(row: dict, fmt: str, where: str, *, system_prompt: str = "", columns: dict | None = None,
+                  file_tools: list | None = None, reasoning: str = "keep") -> dict:
+    """One raw row -> a record ``{"messages", "source"[, "tools"]}`` (columns mapped, tools
+    parsed, reasoning kept or dropped)."""
+    if reasoning not in REASONING:
+        raise DataError(f"data.reasoning={reasoning!r} is not one of {list(REASONING)}")
+    row = map_columns(row, columns or {}, where)
+    msgs = row_to_conversation(row, fmt, where, system_prompt)
+    if reasoning == "drop":
+        for m in msgs:
+            m.pop("reasoning_content", None)
+    rec: dict = {"messages": msgs, "source": where}
+    tools = parse_tools(row["tools"], where) if row.get("tools") not in (None, "", []) else file_tools
+    if tools:
+        rec["tools"] = tools
+    return rec
+
+
+def is_tools_header(row: dict) -> bool:
+    """A JSON/JSONL row holding only ``tools``: the tool schemas of the rows after it."""
+    return set(row) == {"tools"}
+
+
+class RecordReader:
+    """Rows of one source -> records, with the file's format (detected from its first row),
+    ``data.columns`` and the per-file ``tools`` header resolved once."""
+
+    def __init__(self, path: str, fmt: str = "auto", system_prompt: str = "", *, columns: str = "",
+                 reasoning: str = "keep", cache_blocks: int = 4):
+        self.source = sources.open_source(path, _read_json_text, cache_blocks=cache_blocks)
+        self.columns = parse_columns(columns)
+        self.system_prompt, self.reasoning = system_prompt, reasoning
+        first, where = self.source.row(0)
+        self.file_tools = parse_tools(first["tools"], where) if is_tools_header(first) else None
+        self.start = 1 if self.file_tools is not None else 0
+        if self.start >= len(self.source):
+            raise DataError(f"{path}: only a tools header, no rows")
+        self.block_starts = np.unique(np.maximum(np.asarray(self.source.block_starts) - self.start, 0))
+        self.fmt = fmt
+        if fmt == "auto":
+            row, where = self.source.row(self.start)
+            self.fmt = detect_format(map_columns(row, self.columns, where), where)
+
+    def __len__(self) -> int:
+        return len(self.source) - self.start
+
+    def __getitem__(self, i: int) -> dict:
+        row, where = self.source.row(self.start + int(i))
+        if is_tools_header(row):
+            raise DataError(f"{where}: a tools-only header row may only be the first row of a file")
+        return row_to_record(row, self.fmt, where, system_prompt=self.system_prompt, columns=self.columns,
+                             file_tools=self.file_tools, reasoning=self.reasoning)
+
+
+def load_conversations(path_spec: str, fmt: str = "auto", system_prompt: str = "", *, columns: str = "",
+                       reasoning: str = "keep") -> list[dict]:
+    """Read every source of ``path_spec`` whole; returns records ``{"messages": [...], "source": "file:line"}``."""
     out = []
     for path in expand_paths(path_spec):
-        out.extend(load_file(path, fmt, system_prompt))
+        out.extend(load_file(path, fmt, system_prompt, columns=columns, reasoning=reasoning))
     return out
 
 
-def load_file(path: str, fmt: str = "auto", system_prompt: str = "") -> list[dict]:
-    rows = read_rows(path)
-    file_fmt = fmt
-    if fmt == "auto":
-        file_fmt = detect_format(rows[0][0], _where(path, rows[0][1]))
-    out = []
-    for row, line in rows:
-        where = _where(path, line)
-        out.append({"messages": row_to_conversation(row, file_fmt, where, system_prompt), "source": where})
-    return out
+def load_file(path: str, fmt: str = "auto", system_prompt: str = "", *, columns: str = "",
+              reasoning: str = "keep") -> list[dict]:
+    reader = RecordReader(path, fmt, system_prompt, columns=columns, reasoning=reasoning)
+    return [reader[i] for i in range(len(reader))]
 
 
 __all__ = [
-    "DataError", "FORMATS", "expand_paths", "read_rows", "detect_format", "row_to_conversation",
-    "validate_conversation", "load_conversations", "load_file",
+    "DataError", "FORMATS", "REASONING", "expand_paths", "read_rows", "detect_format", "row_to_conversation",
+    "row_to_record", "validate_conversation", "load_conversations", "load_file", "parse_columns", "parse_tools",
+    "split_think", "RecordReader",
 ]

@@ -21,10 +21,13 @@ Trainable = assistant content + the end-of-turn/EOS token closing it.  ``train_o
 
 from __future__ import annotations
 
+import re
+
+import jinja2
 import numpy as np
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from sft_jax.data.formats import DataError
+from sft_jax.data.errors import DataError
 from sft_jax.data.templates import has_generation_markers
 
 TRAIN_ON = ("all_assistant", "last_assistant", "all")
@@ -37,13 +40,41 @@ def _template_kwargs(tokenizer) -> dict:
     return kw
 
 
+_TOOLS_RE = re.compile(r"\btools\b")
+
+
+def prepare_messages(template: str, messages: list[dict], tools: list | None = None, source: str = "") -> list[dict]:
+    """Check that ``template`` can render what the conversation holds, and fold reasoning
+    into the content for templates that do not render ``reasoning_content`` themselves
+    (``<think>\\n{reasoning}\\n</think>\\n\\n{content}``, kept on every turn)."""
+    where = f"{source}: " if source else ""
+    if any(m.get("tool_calls") or m["role"] == "tool" for m in messages) and "tool_calls" not in template:
+        raise DataError(f"{where}the conversation has tool calls but the chat template does not render them; "
+                        "use a template with tool support (built-ins: qwen2.5, qwen3, llama3.1, mistral-v0.3)")
+    if tools and not _TOOLS_RE.search(template):
+        raise DataError(f"{where}the row has tools but the chat template does not render a tools list")
+    if "reasoning_content" in template or not any("reasoning_content" in m for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        if "reasoning_content" in m:
+            m = dict(m)
+            m["content"] = f"<think>\n{m.pop('reasoning_content')}\n</think>\n\n{m['content']}"
+        out.append(m)
+    return out
+
+
 def render(tokenizer, template: str, messages: list[dict], *, add_generation_prompt: bool = False,
-           with_spans: bool = False):
-    """Render one conversation; with ``with_spans`` also the ``{% generation %}`` char spans."""
-    texts, spans = render_jinja_template(
-        conversations=[messages], chat_template=template, return_assistant_tokens_mask=with_spans,
-        add_generation_prompt=add_generation_prompt, **_template_kwargs(tokenizer),
-    )
+           with_spans: bool = False, tools: list | None = None, source: str = ""):
+    """Render one conversation; with ``with_spans`` also the ``{% generation %}`` char spans.
+    A template error (e.g. its ``raise_exception``) becomes a :class:`DataError` naming ``source``."""
+    try:
+        texts, spans = render_jinja_template(
+            conversations=[messages], chat_template=template, return_assistant_tokens_mask=with_spans,
+            add_generation_prompt=add_generation_prompt, tools=tools or None, **_template_kwargs(tokenizer),
+        )
+    except jinja2.TemplateError as e:
+        raise DataError(f"{source + ': ' if source else ''}the chat template failed on this conversation: {e}") from None
     if with_spans:
         return texts[0], [tuple(s) for s in spans[0]]
     return texts[0]
@@ -92,26 +123,26 @@ def _spans_to_mask(tokenizer, text: str, spans: list[tuple[int, int]]):
     return ids, [_stream_span(tokenizer, text, ids, s0, s1) for s0, s1 in spans]
 
 
-def generation_spans(tokenizer, template: str, messages: list[dict]):
+def generation_spans(tokenizer, template: str, messages: list[dict], tools: list | None = None, source: str = ""):
     """Method 1: ids and per-assistant-turn token spans from ``{% generation %}`` markers."""
-    text, spans = render(tokenizer, template, messages, with_spans=True)
+    text, spans = render(tokenizer, template, messages, with_spans=True, tools=tools, source=source)
     ids, tok_spans = _spans_to_mask(tokenizer, text, spans)
     return ids, tok_spans
 
 
-def prefix_diff_spans(tokenizer, template: str, messages: list[dict]):
+def prefix_diff_spans(tokenizer, template: str, messages: list[dict], tools: list | None = None, source: str = ""):
     """Method 2: ids and per-assistant-turn token spans by rendering turn prefixes."""
-    text = render(tokenizer, template, messages)
+    text = render(tokenizer, template, messages, tools=tools, source=source)
     full = _ids(tokenizer, text)
     tok_spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(tokenizer, template, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, template, messages[: i + 1]).rstrip()
+        before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools, source=source)
+        upto = render(tokenizer, template, messages[: i + 1], tools=tools, source=source).rstrip()
         if not (text.startswith(before) and text.startswith(upto) and len(upto) >= len(before)):
             raise DataError(
-                f"the chat template is not prefix-stable at message {i} (rendering a prefix of the "
+                f"{source + ': ' if source else ''}the chat template is not prefix-stable at message {i} (rendering a prefix of the "
                 "conversation changes earlier text); add {% generation %} markers to it or use a built-in"
             )
         tok_spans.append(_stream_span(tokenizer, text, full, len(before), len(upto)))
@@ -119,16 +150,20 @@ def prefix_diff_spans(tokenizer, template: str, messages: list[dict]):
 
 
 def encode(tokenizer, template: str, messages: list[dict], train_on: str = "all_assistant",
-           method: str = "auto") -> tuple[np.ndarray, np.ndarray]:
-    """One conversation -> ``(ids int32 [n], mask int8 [n])`` (mask 1 = trainable token)."""
+           method: str = "auto", *, tools: list | None = None, source: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """One conversation -> ``(ids int32 [n], mask int8 [n])`` (mask 1 = trainable token).
+
+    ``tools``: the JSON schemas passed to the template (as ``apply_chat_template(tools=...)``);
+    ``source``: "file:line" named in errors."""
     if train_on not in TRAIN_ON:
         raise DataError(f"data.train_on={train_on!r} is not one of {list(TRAIN_ON)}")
+    messages = prepare_messages(template, messages, tools, source)
     if method == "auto":
         method = "generation" if has_generation_markers(template) else "prefix_diff"
     if method == "generation":
-        ids, spans = generation_spans(tokenizer, template, messages)
+        ids, spans = generation_spans(tokenizer, template, messages, tools, source)
     elif method == "prefix_diff":
-        ids, spans = prefix_diff_spans(tokenizer, template, messages)
+        ids, spans = prefix_diff_spans(tokenizer, template, messages, tools, source)
     else:
         raise ValueError(f"unknown mask method {method!r}")
     mask = np.zeros(len(ids), np.int8)

@@ -15,6 +15,8 @@ predicts the first token of the next segment.
 
 from __future__ import annotations
 
+import array
+import bisect
 import collections
 import dataclasses
 import json
@@ -47,7 +49,7 @@ class DataStats:
     truncated: int = 0  # kept but cut to max_length
     tokens: int = 0  # input tokens of kept examples (after shift: len(ids) - 1)
     trainable_tokens: int = 0  # loss_mask ones of kept examples
-    lengths: list = dataclasses.field(default_factory=list)  # per kept example, after shift
+    lengths: array.array = dataclasses.field(default_factory=lambda: array.array("I"))  # per kept example, after shift (4 bytes each)
     first_skipped: dict = dataclasses.field(default_factory=dict)  # reason -> (source, rendered text)
 
     def add(self, ex: dict) -> None:
@@ -145,7 +147,8 @@ class TokenizeFn:
         self.train_on = train_on
 
     def __call__(self, rec: dict) -> dict:
-        ids, mask = masking.encode(self.tokenizer, self.template, rec["messages"], self.train_on)
+        ids, mask = masking.encode(self.tokenizer, self.template, rec["messages"], self.train_on,
+                                   tools=rec.get("tools"), source=rec["source"])
         return make_example(ids, mask, rec["source"], max_length=self.max_length, truncation=self.truncation,
                             tokenizer=self.tokenizer)
 
@@ -196,33 +199,129 @@ def _strip(ex: dict) -> dict:
 # ---------------------------------------------------------------------------- sources
 
 
-def _split_rows(records: list, eval_fraction: float, seed: int, split: str) -> list:
+def _split_indices(n: int, eval_fraction: float, seed: int, split: str) -> np.ndarray | None:
+    """Sorted row indices of ``split`` among ``n`` rows (None = all of them)."""
     if eval_fraction <= 0:
-        return records if split == "train" else []
-    n = len(records)
+        return None if split == "train" else np.zeros(0, np.int64)
     k = int(round(eval_fraction * n))
     k = min(max(k, 1), n - 1) if n > 1 else 0
     perm = np.random.default_rng(np.random.SeedSequence([seed, 0x5F7])).permutation(n)
-    chosen = set(perm[:k].tolist()) if split == "eval" else set(perm[k:].tolist())
-    return [r for i, r in enumerate(records) if i in chosen]
+    return np.sort(perm[:k] if split == "eval" else perm[k:])
 
 
-def split_records(cfg_data, split: str, seed: int = 0) -> list[list[dict]]:
-    """Per ``data.path`` entry: the rows of ``split`` ("train" | "eval").
+class _Concat:
+    """Several record sequences (readers, subsets) as one, lazily, with their blocks concatenated."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+        self.block_starts = np.concatenate(
+            [np.asarray(p.block_starts, np.int64) + o for p, o in zip(parts, self.offsets)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return self.parts[k][int(i - self.offsets[k])]
+
+
+class _Subset:
+    """The rows ``indices`` (sorted) of a sequence; blocks follow the parent's."""
+
+    def __init__(self, parent, indices: np.ndarray):
+        self.parent, self.indices = parent, indices
+        self.block_starts = np.unique(np.searchsorted(indices, parent.block_starts))
+        self.block_starts = self.block_starts[self.block_starts < len(indices)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.parent[int(self.indices[i])]
+
+
+class BlockShuffle(grain.MapDataset):
+    """The streaming shuffle: per epoch, permute the blocks of ``parent`` (Parquet row groups,
+    1024-row chunks of other sources) and shuffle the rows within each window of ``window``
+    consecutive blocks.  A window is read at a time, so reads stay local (one row group decode
+    serves a whole window) and memory holds one window's index permutation."""
+
+    def __init__(self, parent: grain.MapDataset, block_starts: np.ndarray, *, window: int, seed: int):
+        super().__init__(parent)
+        self._n = len(parent)
+        self._starts = np.asarray(block_starts, np.int64)
+        self._sizes = np.diff(np.append(self._starts, self._n))
+        self._window, self._seed = max(1, window), seed
+        self._cache: dict = {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __str__(self) -> str:
+        return f"BlockShuffle(window={self._window}, seed={self._seed})"
+
+    def _epoch(self, epoch: int):
+        if self._cache.get("epoch") != epoch:
+            order = np.random.default_rng([self._seed, epoch]).permutation(len(self._starts))
+            wins = [order[w:w + self._window] for w in range(0, len(order), self._window)]
+            starts = np.cumsum([0] + [int(self._sizes[b].sum()) for b in wins[:-1]])
+            self._cache = {"epoch": epoch, "windows": wins, "win_starts": starts, "win": None}
+        return self._cache
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, i = divmod(int(index), self._n)
+        c = self._epoch(epoch)
+        w = int(np.searchsorted(c["win_starts"], i, side="right") - 1)
+        win = c["win"]  # read once: grain's reader threads share this cache
+        if win is None or win[0] != w:
+            rows = np.concatenate([np.arange(self._starts[b], self._starts[b] + self._sizes[b]) for b in c["windows"][w]])
+            win = (w, rows[np.random.default_rng([self._seed, epoch, w]).permutation(len(rows))])
+            c["win"] = win
+        return self._parent[epoch * self._n + int(win[1][i - c["win_starts"][w]])]
+
+
+def _readers(entry: str, cfg_data, cache_blocks: int = 4) -> list[formats.RecordReader]:
+    return [formats.RecordReader(p, cfg_data.format, cfg_data.system_prompt, columns=cfg_data.columns,
+                                 reasoning=cfg_data.reasoning, cache_blocks=cache_blocks)
+            for p in formats.expand_paths(entry)]
+
+
+def _load(entry: str, cfg_data) -> list:
+    """One ``data.path`` entry: every record in memory, or (``data.streaming``) a lazy sequence."""
+    if not cfg_data.streaming:
+        return formats.load_conversations(entry, cfg_data.format, cfg_data.system_prompt,
+                                          columns=cfg_data.columns, reasoning=cfg_data.reasoning)
+    return _Concat(_readers(entry, cfg_data, cache_blocks=max(4, 2 * cfg_data.shuffle_window)))
+
+
+def _select(records, indices: np.ndarray | None):
+    if indices is None:
+        return records
+    if isinstance(records, list):
+        return [records[i] for i in indices]
+    return _Subset(records, indices)
+
+
+def split_records(cfg_data, split: str, seed: int = 0) -> list:
+    """Per ``data.path`` entry: the rows of ``split`` ("train" | "eval"), a list of records
+    (or, with ``data.streaming``, a lazy sequence of them with ``block_starts``).
 
     Eval rows: ``data.eval_path`` when set (then train gets every row of ``data.path``),
     else a seeded ``data.eval_fraction`` of each entry's rows, disjoint from train."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if split == "eval" and cfg_data.eval_path:
-        return [formats.load_conversations(cfg_data.eval_path, cfg_data.format, cfg_data.system_prompt)]
+        return [_load(cfg_data.eval_path, cfg_data)]
     if not cfg_data.path:  # the trainer fills it in for model.init=tiny (its generated tasks)
         raise DataError("data.path is empty: set --config.data.path=FILE[,FILE...] or a directory")
     out = []
     for entry in [p.strip() for p in cfg_data.path.split(",") if p.strip()]:
-        recs = formats.load_conversations(entry, cfg_data.format, cfg_data.system_prompt)
+        recs = _load(entry, cfg_data)
         frac = 0.0 if cfg_data.eval_path else cfg_data.eval_fraction
-        out.append(_split_rows(recs, frac, seed, split))
+        out.append(_select(recs, _split_indices(len(recs), frac, seed, split)))
     return out
 
 
@@ -248,21 +347,29 @@ def _default_process(process_index, process_count):
     return process_index, process_count
 
 
-def _row_dataset(groups: list[list[dict]], weights, *, seed: int, shuffle: bool, epochs: int | None):
-    """Mixed/concatenated, shuffled, repeated MapDataset of records (same on every process)."""
-    groups = [g for g in groups]
+def _shuffled(group, seed: int, window: int) -> grain.MapDataset:
+    ds = grain.MapDataset.source(group)
+    if isinstance(group, list):
+        return ds.shuffle(seed=seed)
+    return BlockShuffle(ds, group.block_starts, window=window, seed=seed)
+
+
+def _row_dataset(groups: list, weights, *, seed: int, shuffle: bool, epochs: int | None, window: int = 1):
+    """Mixed/concatenated, shuffled, repeated MapDataset of records (same on every process).
+
+    In-memory groups get grain's global shuffle; streamed ones the :class:`BlockShuffle`."""
     if any(len(g) == 0 for g in groups):
         raise DataError("a data source has no rows for this split")
     if weights is None:
-        ds = grain.MapDataset.source([r for g in groups for r in g])
-        if shuffle:
-            ds = ds.shuffle(seed=seed)
+        if all(isinstance(g, list) for g in groups):
+            src = [r for g in groups for r in g]
+        else:
+            src = groups[0] if len(groups) == 1 else _Concat(groups)
+        ds = _shuffled(src, seed, window) if shuffle else grain.MapDataset.source(src)
         return ds.repeat(epochs) if epochs != 1 else ds
     parts = []
     for k, g in enumerate(groups):
-        p = grain.MapDataset.source(g)
-        if shuffle:
-            p = p.shuffle(seed=seed + 7919 * (k + 1))
+        p = _shuffled(g, seed + 7919 * (k + 1), window) if shuffle else grain.MapDataset.source(g)
         parts.append(p.repeat(None))
     ds = grain.MapDataset.mix(parts, weights)
     if epochs is not None:  # an "epoch" of a mixture = as many rows as all sources hold
@@ -362,7 +469,7 @@ class DataIterator(grain.DatasetIterator):
 def _pipeline(groups, weights, tokenizer, cfg_data, *, batch_size, seed, shuffle, epochs,
               process_index, process_count, num_workers, bucket, num_packing_bins=None) -> DataIterator:
     template = _template(tokenizer, cfg_data)
-    rows = _row_dataset(groups, weights, seed=seed, shuffle=shuffle, epochs=epochs)
+    rows = _row_dataset(groups, weights, seed=seed, shuffle=shuffle, epochs=epochs, window=cfg_data.shuffle_window)
     rows = rows[process_index::process_count]
     n_local = len(rows) if epochs is not None else sum(len(g) for g in groups) // process_count
     ds = rows.map(TokenizeFn(tokenizer, template, max_length=cfg_data.max_length,
@@ -467,8 +574,8 @@ def examples_for_split(cfg_data, tokenizer, split: str = "train", *, seed: int =
     stats = DataStats()
     out = []
     for group in split_records(cfg_data, split, seed):
-        for rec in group:
-            ex = fn(rec)
+        for i in range(len(group)):
+            ex = fn(group[i])
             stats.add(ex)
             if not ex["skip"]:
                 out.append(ex)
