@@ -18,6 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sft_jax.models import llama
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -211,3 +213,20 @@ def jit_eval_step(eval_fn: Callable, mesh: Mesh, *, trainable_shardings, frozen_
         in_shardings=(trainable_shardings, frozen_shardings, batch_sharding(mesh)),
         out_shardings=replicated(mesh),
     )
+
+
+def shard_params(params, config, mesh: Mesh, rules=LOGICAL_RULES):
+    """Place a model's params on `mesh` by their logical axes (tensor-parallel heads / mlp / vocab
+    over `tensor`; a dim its mesh axes do not divide stays replicated)."""
+    shardings = logical_shardings(llama.param_logical_axes(config), mesh, params, rules)
+    return jax.device_put(params, shardings)
+
+
+def tensor_parallel_mesh(n: int, devices: Sequence[jax.Device] | None = None) -> Mesh | None:
+    """A (data=1, fsdp=1, tensor=n) mesh over the first n devices for generation; None for n == 1."""
+    devices = list(jax.devices() if devices is None else devices)
+    if n == 1:
+        return None
+    if n > len(devices):
+        raise ShardingError(f"tensor parallel size {n} needs {n} devices, {len(devices)} available")
+    return make_mesh({"data": 1, "fsdp": 1, "tensor": n}, devices[:n])

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: `python -m sft_jax.serve` (see `sft_jax.serve.server`)."""

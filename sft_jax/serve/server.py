@@ -1,0 +1,336 @@
+"""The OpenAI-compatible HTTP API (FastAPI + uvicorn) over an `Engine`.
+
+Endpoints: `POST /v1/chat/completions` (messages rendered with the model's training template,
+as `sft_jax.generate` does), `POST /v1/completions` (text, rendered as-is with the tokenizer's
+special tokens, or token ids), `GET /v1/models`, `GET /health`.  Every response carries `usage`
+(streams: on the chunk that finishes the last choice, plus the standard extra usage chunk when
+`stream_options.include_usage`).  Streams are server-sent events (`data: {json}` ... `data: [DONE]`).
+
+Errors are OpenAI-style JSON `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON
+and invalid fields, 404 `model_not_found`, 400 `context_length_exceeded`, 429 when the engine's
+bounded queue is full, 503 while draining.  A client that disconnects has its sequences cancelled
+(their slots are freed at the next step).  `ServerThread` runs the app on a local socket in a
+background thread (tests, benchmarks, an in-process teacher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import secrets
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from sft_jax.serve.engine import Engine, EngineError, SamplingParams, Seq
+from sft_jax.serve.protocol import BadRequest, Options, error_body, parse_chat, parse_completion
+
+
+@dataclasses.dataclass
+class ServedModel:
+    """One model id of `/v1/models`: how its prompts are encoded/decoded and its end tokens.
+
+    `encode_messages(messages) -> ids` (None: the model has no chat template),
+    `encode_text(text) -> ids`, `decode(ids) -> text`."""
+
+    name: str
+    encode_messages: Callable[[list[dict]], list[int]] | None
+    encode_text: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    eos_ids: frozenset[int]
+    vocab_size: int
+    parent: str | None = None
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+def served_from_generator(gen, name: str, parent: str | None = None) -> ServedModel:
+    """A `ServedModel` for an `sft_jax.generate.Generator` (template, tokenizer and stop ids as generate)."""
+    if gen.tokenizer is None:
+        raise ValueError(f"{gen.name}: serving needs a tokenizer (none found beside the model)")
+    return ServedModel(
+        name=name,
+        encode_messages=gen.encode_messages if gen.template else None,
+        encode_text=lambda text: list(gen.tokenizer(text)["input_ids"]),
+        decode=gen.decode, eos_ids=frozenset(int(e) for e in gen.eos_ids), vocab_size=int(gen.config.vocab_size),
+        parent=parent,
+    )
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+
+def _bad(e: BadRequest) -> JSONResponse:
+    return _error(e.status, e.message, e.kind, e.param, e.code)
+
+
+class _Bridge:
+    """Engine-thread notifications -> an asyncio queue of (choice index, new ids, finish reason)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def notifier(self, i: int):
+        def notify(ids: list[int], reason: str | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens any more
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, list(ids), reason))
+
+        return notify
+
+
+def _stream_safe(text: str, stops: tuple[str, ...]) -> str:
+    """The prefix of the text so far that can be sent: without a trailing partial UTF-8 character
+    and without a tail that may still become a stop string."""
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if s.startswith(text[-k:]):
+                hold = max(hold, k)
+                break
+    return text[: len(text) - hold]
+
+
+def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
+    """The FastAPI app serving `models` (the first is the default base) through `engine`."""
+    by_name = {m.name: m for m in models}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+    app = FastAPI(title="sft_jax", lifespan=lifespan)
+
+    async def read_json(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not valid JSON: {e}") from None
+
+    def lookup(name: str) -> ServedModel:
+        if name not in by_name:
+            raise BadRequest(f"The model '{name}' does not exist (served: {', '.join(by_name)})", "model",
+                             status=404, code="model_not_found")
+        return by_name[name]
+
+    def make_seqs(model: ServedModel, prompts: list[list[int]], opts: Options, bridge: _Bridge) -> list[Seq]:
+        seqs = []
+        base_seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
+        for p, ids in enumerate(prompts):
+            bad = [t for t in ids if not 0 <= t < model.vocab_size]
+            if bad:
+                raise BadRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {model.vocab_size})",
+                                 "prompt")
+            max_tokens = opts.max_tokens if opts.max_tokens is not None else engine.max_len - len(ids)
+            try:
+                engine.check(len(ids), max(max_tokens, 1))
+            except EngineError as e:
+                raise BadRequest(str(e), "messages" if opts.max_tokens is None else "max_tokens",
+                                 code="context_length_exceeded") from None
+            for c in range(opts.n):
+                i = p * opts.n + c
+                params = SamplingParams(max_tokens=max_tokens, temperature=opts.temperature, top_p=opts.top_p,
+                                        top_k=opts.top_k, seed=(base_seed + i) % 2**31, stop=opts.stop)
+                seqs.append(Seq(list(ids), params, bridge.notifier(i), eos_ids=model.eos_ids,
+                                detokenize=model.decode))
+        return seqs
+
+    def submit(seqs: list[Seq]) -> None:
+        try:
+            engine.submit(seqs)
+        except EngineError as e:
+            raise BadRequest(str(e), status=e.status, kind=e.kind) from None
+
+    def final_text(model: ServedModel, seq: Seq) -> str:
+        return seq.text if seq.text is not None else model.decode(seq.out_ids)
+
+    def usage(prompts: list[list[int]], seqs: list[Seq]) -> dict:
+        p = sum(len(x) for x in prompts)
+        c = sum(len(s.out_ids) for s in seqs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def wait_all(request: Request, seqs: list[Seq], bridge: _Bridge) -> None:
+        """Until every sequence finished; cancels them if the client disconnects."""
+        left = len(seqs)
+        try:
+            while left:
+                try:
+                    _, _, reason = await asyncio.wait_for(bridge.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        engine.cancel(seqs)
+                        return
+                    continue
+                left -= reason is not None
+        finally:
+            if left:
+                engine.cancel(seqs)
+
+    def failure(seqs: list[Seq]) -> JSONResponse | None:
+        if any(s.finish_reason == "error" for s in seqs):
+            return _error(500, f"generation failed: {engine.error!r}", "server_error")
+        if any(s.finish_reason == "cancelled" for s in seqs):
+            return _error(503, "the request was cancelled (server shutting down)", "server_error")
+        return None
+
+    async def respond(request: Request, model: ServedModel, prompts: list[list[int]], opts: Options, chat: bool):
+        bridge = _Bridge(asyncio.get_running_loop())
+        seqs = make_seqs(model, prompts, opts, bridge)
+        submit(seqs)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if opts.stream:
+            return StreamingResponse(stream(rid, created, model, prompts, seqs, opts, bridge, chat),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        await wait_all(request, seqs, bridge)
+        bad = failure(seqs)
+        if bad is not None:
+            return bad
+        choices = []
+        for i, s in enumerate(seqs):
+            text = final_text(model, s)
+            body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            choices.append({"index": i, **body, "logprobs": None, "finish_reason": s.finish_reason})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": model.name, "choices": choices, "usage": usage(prompts, seqs)}
+
+    async def stream(rid, created, model, prompts, seqs, opts, bridge, chat):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        sent = [""] * len(seqs)
+        left = len(seqs)
+
+        def chunk(i: int, text: str | None, reason: str | None, first: bool = False, with_usage: bool = False):
+            if chat:
+                delta = {"role": "assistant", "content": text or ""} if first else (
+                    {"content": text} if text else {})
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            c = {"id": rid, "object": obj, "created": created, "model": model.name, "choices": [choice]}
+            if with_usage:
+                c["usage"] = usage(prompts, seqs)
+            return f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+
+        try:
+            if chat:
+                for i in range(len(seqs)):
+                    yield chunk(i, "", None, first=True)
+            while left:
+                i, _, reason = await bridge.queue.get()
+                s = seqs[i]
+                if reason in ("error", "cancelled"):
+                    msg = f"generation failed: {engine.error!r}" if reason == "error" else "cancelled (shutting down)"
+                    yield f"data: {json.dumps(error_body(msg, 'server_error'))}\n\n"
+                    return
+                if reason is None:
+                    safe = _stream_safe(model.decode(s.out_ids), opts.stop)
+                else:
+                    safe = final_text(model, s)
+                    left -= 1
+                if safe.startswith(sent[i]) and (len(safe) > len(sent[i]) or reason is not None):
+                    delta, sent[i] = safe[len(sent[i]):], safe
+                    yield chunk(i, delta, reason, with_usage=reason is not None and left == 0)
+                elif reason is not None:
+                    yield chunk(i, None, reason, with_usage=left == 0)
+            if opts.include_usage:
+                yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model.name, 'choices': [], 'usage': usage(prompts, seqs)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if left:  # the client went away (or the stream failed): free the slots
+                engine.cancel(seqs)
+
+    @app.exception_handler(BadRequest)
+    async def _on_bad(_request, e: BadRequest):
+        return _bad(e)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_chat(await read_json(request))
+        model = lookup(req.options.model)
+        if model.encode_messages is None:
+            raise BadRequest(f"model '{model.name}' has no chat template; use /v1/completions", "messages")
+        ids = await asyncio.get_running_loop().run_in_executor(None, model.encode_messages, req.messages)
+        return await respond(request, model, [ids], req.options, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_completion(await read_json(request))
+        model = lookup(req.options.model)
+        prompts = [p if isinstance(p, list) else model.encode_text(p) for p in req.prompts]
+        return await respond(request, model, prompts, req.options, chat=False)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "sft_jax",
+             "root": m.parent or m.name, "parent": m.parent, "max_model_len": engine.max_len} for m in models]}
+
+    @app.get("/health")
+    async def health():
+        st = engine.stats()
+        if engine.error is not None:
+            return JSONResponse({"status": "error", "error": repr(engine.error), **st}, status_code=500)
+        if st["draining"]:
+            return JSONResponse({"status": "draining", **st}, status_code=503)
+        return {"status": "ok", **st}
+
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server; on SIGINT/SIGTERM the engine stops admitting first (new requests get 503),
+    then uvicorn stops listening and waits for in-flight responses, then the app's lifespan drains
+    and joins the engine; `run()` then returns (uvicorn would re-raise the signal after its graceful
+    shutdown, killing the process with it: a drained server exits normally instead)."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.begin_drain()
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+class ServerThread:
+    """Run `app` with uvicorn on `host` (a free port) in a background thread:
+
+        with ServerThread(app, engine) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+    """
+
+    def __init__(self, app: FastAPI, engine: Engine, host: str = "127.0.0.1", port: int = 0):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        cfg = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
+        self.server = DrainingServer(cfg, engine)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server thread did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.sock.close()
