@@ -1,6 +1,7 @@
 """Export a trained run for transformers / vLLM / peft.
 
     python -m sft_jax.export --workdir=DIR [--step=N] --out=DIR --format=merged|peft [--dtype=bfloat16|float32]
+    python -m sft_jax.export --workdir=DIR [--step=N] --out=DIR --format=gguf [--dtype=f16|bf16|q8_0|f32]
 
 * `merged`: the LoRA update merged into the base (`lora.merge`; full fine-tuning: the trained
   weights), written by `save_hf` (config.json of the original family, safetensors sharded with an
@@ -9,6 +10,9 @@
   EOS, so `model.generate` stops where the fine-tuned model learnt to.
 * `peft`: `adapter_config.json` + `adapter_model.safetensors` (`PeftModel.from_pretrained(base,
   DIR)`), plus the tokenizer files (the training tokenizer may carry added template tokens).
+* `gguf`: `DIR/model-<dtype>.gguf` for llama.cpp / Ollama / transformers (`gguf_file=`): the merged
+  export (float32, in a temporary directory) converted by `sft_jax.gguf_export.write_gguf`, with the
+  tokenizer, special tokens and chat template in its metadata (default dtype f16).
 
 Bad arguments (missing workdir, unknown step or format, ...) print one line on stderr, exit 2.
 """
@@ -20,8 +24,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
-FORMATS = ("merged", "peft")
+FORMATS = ("merged", "peft", "gguf")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -47,7 +52,9 @@ def run_cli(main_fn, argv, prog: str) -> int:
     except Exception as e:  # noqa: BLE001 - only the known kinds are reported as one line
         mc = sys.modules.get("sft_jax.models.config")  # not imported here: it pulls in jax
         hf = sys.modules.get("sft_jax.models.hf_io")
+        gg = sys.modules.get("sft_jax.gguf_export")
         kinds = known + ((mc.UnsupportedModelError,) if mc else ()) + ((hf.CheckpointMismatchError,) if hf else ())
+        kinds += (gg.GGUFExportError,) if gg else ()
         if not isinstance(e, kinds):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
@@ -60,8 +67,9 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--workdir", required=True, help="training work directory (run.json, checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", required=True, help="merged | peft")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the run's model.param_dtype)")
+    p.add_argument("--format", required=True, help="merged | peft | gguf")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the run's model.param_dtype); "
+                   "gguf: f16 | bf16 | q8_0 | f32 (default f16)")
     p.add_argument("--max_shard_mb", type=float, default=5 * 1024, help="merged: shard size limit in MiB")
     return p
 
@@ -109,12 +117,28 @@ def export_peft(run, out: str, *, dtype: str = "float32") -> list[str]:
     return modules
 
 
+def export_gguf(run, out: str, *, dtype: str = "f16"):
+    """Write `<out>/model-<dtype>.gguf` for a loaded `Run`; returns the `GGUFSummary`."""
+    from sft_jax.gguf_export import write_gguf
+
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".merged-") as tmp:
+        export_merged(run, tmp, dtype="float32")
+        return write_gguf(tmp, os.path.join(out, f"model-{dtype}.gguf"), dtype=dtype)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.format not in FORMATS:
         raise UsageError(f"--format={args.format!r} is not one of {', '.join(FORMATS)}")
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise UsageError(f"--dtype={args.dtype!r} is not one of {', '.join(DTYPES)}")
+    if args.format == "gguf":
+        from sft_jax.gguf_export import GGUF_DTYPES
+
+        dtypes = tuple(GGUF_DTYPES)
+    else:
+        dtypes = DTYPES
+    if args.dtype is not None and args.dtype not in dtypes:
+        raise UsageError(f"--dtype={args.dtype!r} is not one of {', '.join(dtypes)} (--format={args.format})")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out: {args.out} exists and is not a directory")
     if args.max_shard_mb <= 0:
@@ -124,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     run_json, step, _ = check_workdir(args.workdir, args.step)  # cheap checks before jax loads
     if args.format == "peft" and int(run_json["lora"].get("rank", 0)) <= 0:
         raise UsageError("this run is full fine-tuning (lora.rank = 0): there is no adapter; use --format=merged")
-    dtype = args.dtype or run_json["model"].get("param_dtype", "float32")
+    dtype = args.dtype or ("f16" if args.format == "gguf" else run_json["model"].get("param_dtype", "float32"))
 
     from sft_jax.workdir import load_run
 
@@ -134,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         files = export_merged(run, args.out, dtype=dtype, max_shard_bytes=int(args.max_shard_mb * 2**20))
         print(f"wrote merged {run.model_config.model_type} model of step {run.step} to {args.out} "
               f"({len(files)} safetensors file(s), {dtype}, eos_token_id={run.eos_ids})")
+    elif args.format == "gguf":
+        s = export_gguf(run, args.out, dtype=dtype)
+        fallback = f"; F16 (rows not a multiple of 32): {', '.join(s.f16_fallback)}" if s.f16_fallback else ""
+        print(f"wrote GGUF ({s.arch}, {s.tokenizer_model} vocab of {s.n_tokens}) of step {run.step} to {s.path} "
+              f"({dtype}{fallback})")
     else:
         modules = export_peft(run, args.out, dtype=dtype)
         print(f"wrote peft LoRA adapter of step {run.step} to {args.out} (r={run.lora_cfg.rank}, "
