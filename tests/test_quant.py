@@ -115,7 +115,7 @@ def test_nf4_dequantise_sharded_like_the_kernel():
     spec = jax.sharding.PartitionSpec
     ns = lambda *p: jax.sharding.NamedSharding(mesh, spec(*p))  # noqa: E731
     placed = jax.device_put(t, nf4.NF4Tensor(codes=ns("tensor", "fsdp"), scale_codes=ns("tensor", "fsdp"),
-                                             scale_absmax=ns(), scale_offset=ns(), shape=t.shape))
+                                             scale_absmax=ns(), scale_offset=ns(), kernel_shape=t.kernel_shape))
     f = jax.jit(nf4.dequantize, out_shardings=ns("fsdp", "tensor"))
     out = f(placed)
     assert out.sharding.spec == spec("fsdp", "tensor")

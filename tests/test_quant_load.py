@@ -133,3 +133,32 @@ def test_quantised_load_holds_one_unquantised_tensor_at_a_time(tmp_path):
     # the result + transient work on one tensor (float32 copy, scaled values, codes: < 4 copies) + allocator slack
     assert peak <= res["param_bytes"] + 4 * largest + 48 * MiB, res
     assert peak < 0.4 * total_f32, res
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantised_load_onto_a_mesh_follows_the_kernel_shardings(tmp_path, kind):
+    """fsdp x tensor mesh: each quantised kernel is placed from the kernel's sharding (codes sharded like
+    the kernel, transposed for NF4) and dequantises to the one-device values."""
+    from sft_jax import sharding
+    from sft_jax.models import llama
+
+    cfg = dict(TINY, intermediate_size=256)
+    _write(tmp_path, cfg)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    config = hf_io.read_config(str(tmp_path))
+    sh = sharding.logical_shardings(llama.param_logical_axes(config), mesh, llama.abstract_params(config))
+    quantize = nf4.quantize_kernel if kind == "nf4" else int8.quantize_kernel
+    fn = lambda path: quantize if _layer_kernel(path) else None  # noqa: E731
+    _, on_mesh = hf_io.load_hf(str(tmp_path), shardings=sh, transform=fn)
+    _, local = hf_io.load_hf(str(tmp_path), transform=fn)
+    up = on_mesh["layers_0"]["mlp"]["up_proj"]["kernel"]  # [128, 256]: (embed, mlp)
+    kernel_spec = sh["layers_0"]["mlp"]["up_proj"]["kernel"].spec
+    assert kernel_spec[1] is not None  # the mlp axis is sharded
+    if kind == "nf4":
+        assert up.codes.shape == (256, 64) and up.codes.sharding.spec[0] == kernel_spec[1]
+    else:
+        assert up.codes.sharding.spec == kernel_spec
+    for path in [("layers_0", "mlp", "up_proj"), ("layers_1", "attn", "k_proj"), ("layers_1", "mlp", "down_proj")]:
+        a = on_mesh[path[0]][path[1]][path[2]]["kernel"]
+        b = local[path[0]][path[1]][path[2]]["kernel"]
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda t: t.dequantize())(a)), np.asarray(b.dequantize()))

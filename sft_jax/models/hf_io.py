@@ -138,7 +138,8 @@ def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32", 
     function `host array (our layout, param dtype) -> host pytree` (e.g. quantisation, `sft_jax.quant`)
     whose result replaces the leaf: each tensor (each layer's, for a stacked leaf, stacked
     afterwards) is read whole, transformed and dropped, so the host holds one untransformed tensor
-    at a time; the result is placed with `shardings` at that path (a matching tree of shardings, or None).
+    at a time; the result is placed with `shardings` at that path: a matching tree of shardings, or the
+    kernel's own sharding when the result has `shardings_like(kernel_sharding)` (the `sft_jax.quant` tensors).
     """
     config = read_config(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, **policy)
     files = _weight_files(path)
@@ -210,6 +211,8 @@ def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32", 
                 parts = [fn(read(name, transpose)) for name in names]
                 leaf = jax.tree.map(lambda *xs: np.stack(xs), *parts) if stacked else parts[0]
                 del parts
+                if isinstance(sharding, jax.sharding.Sharding) and hasattr(leaf, "shardings_like"):
+                    sharding = leaf.shardings_like(sharding)  # the kernel's sharding -> its fields'
                 _set(params, ours, jax.device_put(leaf, sharding))
                 whole.clear()
                 continue

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.quant.nf4 import _shardings_like, _spec_axes
+
 INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' reciprocal of 127
 
 
@@ -25,9 +27,18 @@ class Int8Tensor:
     codes: jnp.ndarray
     scale: jnp.ndarray
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dequantised kernel's shape."""
+        return tuple(np.shape(self.codes))
+
     def dequantize(self, dtype=jnp.float32) -> jnp.ndarray:
         """The kernel `[..., in, out]` in `dtype` (see `dequantize`)."""
         return dequantize(self, dtype)
+
+    def shardings_like(self, kernel_sharding: jax.sharding.NamedSharding) -> "Int8Tensor":
+        """Shardings of the fields from the kernel's: codes as the kernel, scales as its output axis."""
+        return _shardings_like(self, logical_axes(self, _spec_axes(kernel_sharding, len(self.shape))), kernel_sharding)
 
 
 def quantize_kernel(kernel: np.ndarray) -> Int8Tensor:

@@ -87,7 +87,8 @@ _DYNAMIC_LUT = _dynamic_lut()
 
 @flax.struct.dataclass
 class NF4Tensor:
-    """A frozen kernel `[in, out]` (`shape`) stored as bitsandbytes NF4 with double-quantised scales.
+    """A frozen kernel `[*lead, in, out]` (`shape`; static `kernel_shape` = `(in, out)`) stored as
+    bitsandbytes NF4 with double-quantised scales.
 
     codes: uint8, two 4-bit codes a byte (high nibble first), torch `[out, in]` row-major order.
     scale_codes: uint8 8-bit codes of `absmax - scale_offset` per block of `block_size` values
@@ -99,14 +100,23 @@ class NF4Tensor:
     scale_codes: jnp.ndarray
     scale_absmax: jnp.ndarray
     scale_offset: jnp.ndarray
-    shape: tuple[int, int] = flax.struct.field(pytree_node=False)
+    kernel_shape: tuple[int, int] = flax.struct.field(pytree_node=False)
     block_size: int = flax.struct.field(pytree_node=False, default=64)
     double_quant: bool = flax.struct.field(pytree_node=False, default=True)
 
     @property
     def row_blocked(self) -> bool:
         """True when the 2-D `[out, in/2]` layout is used (`in` a multiple of the block size)."""
-        return self.shape[0] % self.block_size == 0
+        return self.kernel_shape[0] % self.block_size == 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dequantised kernel's shape, with the leading (layer) axes of the stored arrays."""
+        return tuple(np.shape(self.scale_offset)) + tuple(self.kernel_shape)
+
+    def shardings_like(self, kernel_sharding: jax.sharding.NamedSharding) -> "NF4Tensor":
+        """Shardings of the fields from the kernel's (see `logical_axes`; dims the mesh does not divide replicated)."""
+        return _shardings_like(self, logical_axes(self, _spec_axes(kernel_sharding, len(self.shape))), kernel_sharding)
 
     def dequantize(self, dtype=jnp.float32) -> jnp.ndarray:
         """The kernel `[..., in, out]` in `dtype` (see `dequantize`)."""
@@ -186,7 +196,7 @@ def quantize_kernel(kernel: np.ndarray, block_size: int = 64, double_quant: bool
     if kin % block_size == 0:
         codes, scale_codes = codes.reshape(kout, kin // 2), scale_codes.reshape(kout, kin // block_size)
     return NF4Tensor(codes=codes, scale_codes=scale_codes, scale_absmax=scale_absmax, scale_offset=offset,
-                     shape=(kin, kout), block_size=block_size, double_quant=double_quant)
+                     kernel_shape=(kin, kout), block_size=block_size, double_quant=double_quant)
 
 
 def storage_shapes(shape: tuple[int, int], block_size: int = 64, double_quant: bool = True) -> dict[str, tuple[int, ...]]:
@@ -209,7 +219,7 @@ def abstract(kernel_shape: tuple[int, ...], block_size: int = 64, double_quant: 
               "scale_absmax": jnp.float32, "scale_offset": jnp.float32}
     fields = {k: jax.ShapeDtypeStruct(tuple(lead) + v, dtypes[k])
               for k, v in storage_shapes((kin, kout), block_size, double_quant).items()}
-    return NF4Tensor(**fields, shape=(kin, kout), block_size=block_size, double_quant=double_quant)
+    return NF4Tensor(**fields, kernel_shape=(kin, kout), block_size=block_size, double_quant=double_quant)
 
 
 def logical_axes(t: NF4Tensor, kernel_axes: tuple) -> NF4Tensor:
@@ -219,6 +229,28 @@ def logical_axes(t: NF4Tensor, kernel_axes: tuple) -> NF4Tensor:
     lead = tuple(lead)
     two_d = lead + ((ax_out, ax_in) if t.row_blocked else (None,))
     return t.replace(codes=two_d, scale_codes=two_d, scale_absmax=lead + (None,), scale_offset=lead)
+
+
+def _spec_axes(sharding: jax.sharding.NamedSharding, ndim: int) -> tuple:
+    """A NamedSharding's spec as a tuple of `ndim` mesh-axis entries (None = replicated)."""
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def _shardings_like(tree, axes_tree, kernel_sharding: jax.sharding.NamedSharding):
+    """NamedShardings for a quantised tensor's fields, whose `axes_tree` holds mesh-axis entries taken
+    from the kernel's spec; a dim its mesh axes do not divide is replicated."""
+    mesh = kernel_sharding.mesh
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+
+    def one(axes, x):
+        fixed = []
+        for dim, ax in zip(np.shape(x), axes):
+            names = () if ax is None else (ax if isinstance(ax, tuple) else (ax,))
+            fixed.append(ax if dim % math.prod(sizes[a] for a in names) == 0 else None)
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*fixed))
+
+    return jax.tree.map(one, axes_tree, tree, is_leaf=lambda a: isinstance(a, tuple))
 
 
 def _lead(x: jnp.ndarray, base_ndim: int) -> tuple[int, ...]:
@@ -244,7 +276,7 @@ def block_absmax(t: NF4Tensor) -> jnp.ndarray:
 
 def dequantize(t: NF4Tensor, dtype=jnp.float32) -> jnp.ndarray:
     """The kernel `[..., in, out]` in `dtype`: float32 `nf4[code] * absmax` (bitsandbytes' values), then cast."""
-    kin, kout = t.shape
+    kin, kout = t.kernel_shape
     lead = _lead(t.scale_offset, 0)
     c = t.codes
     idx = jnp.stack([c >> 4, c & 15], axis=-1).astype(jnp.int32)
