@@ -143,6 +143,26 @@ def test_keep_policies_and_drop_list(tmp_path):
         quality.analyse(records, quality.QualityOptions(keep="best"))
 
 
+def test_tool_call_rows_are_kept_whole(tmp_path):
+    """A turn that only calls a tool is not an empty response; tools and calls survive into --out."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    row = {"tools": tools, "messages": [
+        {"role": "user", "content": "What is the weather in Paris today?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny, 21 C"},
+        {"role": "assistant", "content": "It is sunny and 21 degrees in Paris today."}]}
+    path = write_jsonl(str(tmp_path / "tools.jsonl"), [row])
+    from sft_jax.data import formats
+
+    records = formats.load_conversations(path)
+    result = quality.analyse(records, quality.QualityOptions())
+    assert result.reasons == [{}] and result.kept == [0]
+    quality.write_outputs(result, str(tmp_path / "clean.jsonl"))
+    back = formats.load_conversations(str(tmp_path / "clean.jsonl"))
+    assert back[0]["messages"] == records[0]["messages"] and back[0]["tools"] == records[0]["tools"]
+
+
 def test_text_helpers():
     assert quality_text.root_verb_object("Can you please describe a process of making crepes?") == ("describe", "process")
     assert quality_text.root_verb_object("Write a short poem about the sea.") == ("write", "poem")
@@ -235,7 +255,7 @@ def test_model_scores_match_transformers(scored, tiny_model):
     s = result.scores
     assert s.loss.shape == (len(result.records),) and s.embedding.shape == (len(result.records), 32)
     for i in (0, 7, 20, len(result.records) - 1):
-        tk = quality_model.tokenize(tok, template, result.records[i]["messages"], cfg.data.train_on)
+        tk = quality_model.tokenize(tok, template, result.records[i], cfg.data.train_on)
         ids = [int(t) for t in tk.ids]
         assert len(ids) <= cfg.data.max_length
         np.testing.assert_allclose(s.loss[i], _hf_mean_ce(hf, ids, tk.trainable), rtol=1e-4)

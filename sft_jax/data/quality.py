@@ -214,7 +214,7 @@ def analyse(records: list[dict], opts: QualityOptions, *, tokenizer=None, templa
         from sft_jax.data import quality_model
 
         cfg = cfg if cfg is not None else default_config()
-        tok = [quality_model.tokenize(tokenizer, template, r["messages"], cfg.data.train_on) for r in records]
+        tok = [quality_model.tokenize(tokenizer, template, r, cfg.data.train_on) for r in records]
         result.tokens = np.asarray([len(t.ids) for t in tok], np.int64)
         result.trainable = np.asarray([int(t.trainable.sum()) for t in tok], np.int64)
         if model_path:
@@ -259,9 +259,9 @@ def write_outputs(result: QualityResult, out: str) -> str:
     with open(p, "w", encoding="utf-8") as f:
         for i in result.kept:
             r = result.records[i]
-            f.write(json.dumps({"messages": r["messages"],
-                                "quality": {"source": r["source"], "row": i, "kept": result.kept_why[i]}},
-                               ensure_ascii=False) + "\n")
+            row = {"messages": r["messages"], **({"tools": r["tools"]} if r.get("tools") else {}),
+                   "quality": {"source": r["source"], "row": i, "kept": result.kept_why[i]}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     with open(removed_path, "w", encoding="utf-8") as f:
         for i in result.removed:
             r = result.records[i]
@@ -331,7 +331,8 @@ def run(cfg, opts: QualityOptions, *, out: str | None = None, report: str | None
     """The whole command for a validated config."""
     records = []
     for entry in [p.strip() for p in cfg.data.path.split(",") if p.strip()]:
-        records.extend(formats.load_conversations(entry, cfg.data.format, cfg.data.system_prompt))
+        records.extend(formats.load_conversations(entry, cfg.data.format, cfg.data.system_prompt,
+                                                  columns=cfg.data.columns, reasoning=cfg.data.reasoning))
     tokenizer, template = load_tokenizer(cfg)
     model_path = cfg.model.path if cfg.model.init == "pretrained" else ""
     if model_path and not os.path.isfile(os.path.join(model_path, "config.json")):

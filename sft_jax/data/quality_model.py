@@ -40,9 +40,11 @@ class Tokenized:
     last: tuple[int, int]  # token span [start, end) of the last assistant turn (content + end of turn)
 
 
-def tokenize(tokenizer, template: str, messages: list[dict], train_on: str) -> Tokenized:
-    ids, trainable = masking.encode(tokenizer, template, messages, train_on)
-    _, last_mask = masking.encode(tokenizer, template, messages, "last_assistant")
+def tokenize(tokenizer, template: str, record: dict, train_on: str) -> Tokenized:
+    """A record (``messages``, ``source``, optional ``tools``) as the trainer tokenizes it."""
+    kw = dict(tools=record.get("tools"), source=record["source"])
+    ids, trainable = masking.encode(tokenizer, template, record["messages"], train_on, **kw)
+    _, last_mask = masking.encode(tokenizer, template, record["messages"], "last_assistant", **kw)
     where = np.flatnonzero(last_mask)
     span = (int(where[0]), int(where[-1]) + 1) if where.size else (len(ids), len(ids))
     return Tokenized(ids=ids, trainable=trainable, last=span)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import unicodedata
 from collections import Counter
@@ -40,15 +41,15 @@ def source_file(source: str) -> str:
     return source.rsplit(":", 1)[0]
 
 
+def message_text(m: dict) -> str:
+    """A message's text as the model sees it: reasoning, content and tool calls."""
+    parts = [m.get("reasoning_content") or "", m.get("content") or ""]
+    parts += [json.dumps(c["function"], sort_keys=True) for c in m.get("tool_calls") or ()]
+    return "\n".join(p for p in parts if p)
+
+
 def conversation_text(messages: list[dict]) -> str:
-    return "\n".join(m["content"] for m in messages)
-
-
-def user_text(messages: list[dict]) -> str:
-    """The last user turn before the last assistant turn (the instruction the response answers)."""
-    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    users = [m["content"] for m in messages[:last_assistant] if m["role"] == "user"]
-    return users[-1] if users else ""
+    return "\n".join(message_text(m) for m in messages)
 
 
 def first_instruction(messages: list[dict]) -> str:
@@ -64,7 +65,7 @@ def responses(messages: list[dict]) -> list[tuple[int, str]]:
 def exact_key(messages: list[dict]) -> str:
     """Hash of the role-tagged normalised text: equal for rows that differ only in case,
     punctuation or whitespace."""
-    parts = [f"{m['role']}:{' '.join(normalise_words(m['content']))}" for m in messages]
+    parts = [f"{m['role']}:{' '.join(normalise_words(message_text(m)))}" for m in messages]
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
@@ -280,6 +281,8 @@ def noise_reasons(messages: list[dict], opts: NoiseOptions) -> dict[str, str]:
         prompt = next((m["content"] for m in reversed(messages[:idx]) if m["role"] == "user"), "")
         words = normalise_words(text)
         turn = f"message {idx}"
+        if messages[idx].get("tool_calls") and not text.strip():
+            continue  # a turn that only calls tools has no text to judge
         if not text.strip():
             out.setdefault("empty_response", turn)
             continue
