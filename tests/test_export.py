@@ -177,7 +177,7 @@ def test_cli_bad_arguments_one_line(lora_run, tmp_path):
                                    "--format=merged"],
         "export step not found": ["sft_jax.export", f"--workdir={wd}", "--step=99", f"--out={tmp_path / 'o'}",
                                   "--format=merged"],
-        "export unknown format": ["sft_jax.export", f"--workdir={wd}", f"--out={tmp_path / 'o'}", "--format=gguf"],
+        "export unknown format": ["sft_jax.export", f"--workdir={wd}", f"--out={tmp_path / 'o'}", "--format=onnx"],
         "export missing --out": ["sft_jax.export", f"--workdir={wd}", "--format=merged"],
         "generate neither": ["sft_jax.generate", "--prompt=hi"],
         "generate unreadable model": ["sft_jax.generate", f"--model={nomodel}", "--prompt=hi"],
@@ -195,7 +195,7 @@ def test_cli_bad_arguments_one_line(lora_run, tmp_path):
         assert p.returncode == 2, (name, p.returncode, err)
         assert len(lines) == 1 and "error:" in lines[0], (name, err)
     assert "step 99 not found" in errs["generate step not found"] and "available: 2, 3" in errs["generate step not found"]
-    assert "'gguf'" in errs["export unknown format"]
+    assert "'onnx'" in errs["export unknown format"]
     assert "exactly one of --model" in errs["generate neither"]
     assert "config.json not found" in errs["generate unreadable model"]
     assert "work directory not found" in errs["export missing workdir"]
