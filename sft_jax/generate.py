@@ -3,6 +3,7 @@
     python -m sft_jax.generate --model=HF_DIR | --workdir=DIR [--step=N]
         [--prompt="..." (repeatable: one batch) | --prompt_ids=1,2,3 (repeatable) | --interactive]
         [--system="..."] [--max_new_tokens=N] [--temperature=0 --top_p=1 --top_k=0 --seed=0] [--json]
+        [--tensor_parallel=N]
 
 Prompts are rendered with the chat template used in training (the work directory's template /
 tokenizer, `add_generation_prompt=True`; tokenized without extra special tokens, exactly as the
@@ -13,7 +14,8 @@ config.json's eos ids, the tokenizer's EOS and the end-of-turn marker its templa
 chat_template encodes --prompt as plain text with the tokenizer's special tokens (BOS).
 `--json` prints one JSON object: {"generations": [{"prompt", "prompt_ids", "ids", "text",
 "finish_reason"}, ...]}.  `--interactive`: a multi-turn chat on stdin that keeps the history
-(`/reset` clears it, `/exit` or EOF ends).
+(`/reset` clears it, `/exit` or EOF ends).  `--tensor_parallel=N` shards the weights over N devices
+(heads / MLP / vocab, `sharding.LOGICAL_RULES`) for a model that does not fit one.
 
 Bad arguments print one line on stderr and exit with code 2.
 """
@@ -43,6 +45,7 @@ class Generator:
     lora: dict | None = None
     lora_scale: float = 1.0
     name: str = ""
+    mesh: Any = None  # a jax Mesh: decode tensor-parallel over it (sharding.tensor_parallel_mesh)
 
     # ------------------------------------------------------------------ prompts
     def encode_messages(self, messages: list[dict]) -> list[int]:
@@ -77,7 +80,7 @@ class Generator:
 
         outs = generate(self.params, self.config, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
                         eos_ids=self.eos_ids, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        lora=self.lora, lora_scale=self.lora_scale, keep_eos=True)
+                        lora=self.lora, lora_scale=self.lora_scale, keep_eos=True, mesh=self.mesh)
         eos = set(self.eos_ids)
         res = []
         for o in outs:
@@ -183,6 +186,7 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="param dtype to load: float32 | bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tensor_parallel", type=int, default=1, help="devices to shard the weights over")
     return p
 
 
@@ -205,6 +209,8 @@ def _check_args(args) -> list[list[int]]:
         raise UsageError(f"--top_k must be >= 0, got {args.top_k}")
     if args.dtype not in (None, "float32", "bfloat16"):
         raise UsageError(f"--dtype={args.dtype!r} is not one of float32, bfloat16")
+    if args.tensor_parallel < 1:
+        raise UsageError(f"--tensor_parallel must be >= 1, got {args.tensor_parallel}")
     ids = []
     for s in args.prompt_ids:
         try:
@@ -218,13 +224,22 @@ def _check_args(args) -> list[list[int]]:
 
 
 def _load(args) -> Generator:
+    from sft_jax.sharding import ShardingError, tensor_parallel_mesh
+
+    try:
+        mesh = tensor_parallel_mesh(args.tensor_parallel)
+    except ShardingError as e:
+        raise UsageError(f"--tensor_parallel: {e}") from None
     if args.model is not None:
         check_model_dir(args.model)
-        return load_model_dir(args.model, param_dtype=args.dtype or "float32")
-    from sft_jax.workdir import check_workdir
+        gen = load_model_dir(args.model, param_dtype=args.dtype or "float32")
+    else:
+        from sft_jax.workdir import check_workdir
 
-    check_workdir(args.workdir, args.step)
-    return load_workdir(args.workdir, args.step, param_dtype=args.dtype)
+        check_workdir(args.workdir, args.step)
+        gen = load_workdir(args.workdir, args.step, param_dtype=args.dtype)
+    gen.mesh = mesh
+    return gen
 
 
 def _interactive(gen: Generator, args, stdin=None, stdout=None) -> None:

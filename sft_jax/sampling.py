@@ -12,13 +12,16 @@ Tests check that both give the same greedy tokens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax import sharding
 from sft_jax.models import llama
 from sft_jax.models.config import ModelConfig
 
@@ -46,12 +49,31 @@ def _sample(logits, key, temperature: float, top_k: int, top_p: float):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@contextlib.contextmanager
+def mesh_rules(mesh):
+    """While tracing: `mesh` (abstract) and the logical-axis rules, so the model's sharding
+    constraints apply (tensor-parallel activations); nothing when `mesh` is None."""
+    if mesh is None:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(sharding.LOGICAL_RULES)):
+        yield
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "lora_scale"),
+    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "lora_scale", "mesh"),
 )
 def _generate_jit(params, lora, ids, lengths, eos_ids, key, *, config, max_new_tokens, temperature, top_k,
-                  top_p, lora_scale):
+                  top_p, lora_scale, mesh=None):
+    with mesh_rules(mesh):
+        return _generate_body(params, lora, ids, lengths, eos_ids, key, config=config,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              lora_scale=lora_scale)
+
+
+def _generate_body(params, lora, ids, lengths, eos_ids, key, *, config, max_new_tokens, temperature, top_k,
+                   top_p, lora_scale):
     b, p = ids.shape
     cache = llama.init_cache(config, b, p + max_new_tokens)
     ar = jnp.arange(p, dtype=jnp.int32)[None, :]
@@ -100,9 +122,11 @@ def _trim(row: np.ndarray, n: int, eos: set[int], keep_eos: bool) -> list[int]:
 
 def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, lora=None, lora_scale: float = 1.0, keep_eos: bool = False) -> list[list[int]]:
+             seed: int = 0, lora=None, lora_scale: float = 1.0, keep_eos: bool = False,
+             mesh=None) -> list[list[int]]:
     """New tokens for each prompt (stopping at the first end token, which is dropped unless
-    `keep_eos`). Prompts may differ in length; all rows decode together."""
+    `keep_eos`). Prompts may differ in length; all rows decode together. `mesh`: decode with the
+    weights tensor-parallel over it (`sharding.shard_params`; already placed params stay put)."""
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
@@ -115,10 +139,15 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], *, m
     for i, pr in enumerate(prompts):
         ids[i, : len(pr)] = pr
     eos = sorted({int(e) for e in eos_ids}) or [-1]
+    if mesh is not None:
+        params = sharding.shard_params(params, config, mesh)
+        if lora is not None:
+            lora = jax.device_put(lora, sharding.replicated(mesh))
     out, n = _generate_jit(
         params, lora, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(eos, jnp.int32),
         jax.random.PRNGKey(seed), config=config, max_new_tokens=int(max_new_tokens),
         temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), lora_scale=float(lora_scale),
+        mesh=mesh,
     )
     out = np.asarray(out)
     n = int(n)

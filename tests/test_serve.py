@@ -326,3 +326,29 @@ def test_cli_serves_and_sigterm_drains(gen, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_generate_and_engine_equal_one_device(tmp_path):
+    """Weights sharded over the 8-fake-device mesh (heads / kv heads / MLP / vocab over `tensor`):
+    `sampling.generate` and the engine give the one-device greedy tokens."""
+    from sft_jax.sampling import generate
+    from sft_jax.sharding import tensor_parallel_mesh
+
+    assert jax.device_count() == 8
+    gen8 = load_model_dir(make_model_dir(tmp_path / "tp", seed=3, num_heads=8, num_kv_heads=8,
+                                         vocab_size=408))  # 408 = 8 x 51 (>= the tokenizer's 402)
+    mesh = tensor_parallel_mesh(8)
+    prompts = [[1, 17, 40, 99], [1] + list(range(50, 80))]
+    one = generate(gen8.params, gen8.config, prompts, max_new_tokens=12)
+    assert generate(gen8.params, gen8.config, prompts, max_new_tokens=12, mesh=mesh) == one
+    eng = Engine(gen8.params, gen8.config, max_batch=2, max_len=48, mesh=mesh)
+    q = eng.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec[1] == "tensor" and {sh.data.shape for sh in q.addressable_shards} == {(64, 8)}
+    assert eng.cache["k"].sharding.spec[3] == "tensor"
+    eng.start()
+    seqs = [Seq(p, SamplingParams(max_tokens=12), notify=lambda ids, why: None) for p in prompts]
+    eng.submit(seqs)
+    _wait(lambda: all(s.finish_reason for s in seqs))
+    eng.shutdown()
+    assert [s.out_ids for s in seqs] == one

@@ -40,13 +40,11 @@ and joins the thread.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import threading
 from typing import Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +52,7 @@ import numpy as np
 from sft_jax import sharding
 from sft_jax.models import llama
 from sft_jax.models.config import ModelConfig
+from sft_jax.sampling import mesh_rules
 
 
 class EngineError(Exception):
@@ -408,20 +407,10 @@ def cache_shardings(cache: dict, config: ModelConfig, mesh):
     return {"k": kv, "v": kv, "positions": rep, "index": rep}
 
 
-@contextlib.contextmanager
-def _mesh_context(mesh):
-    """Inside a traced function: the mesh and the logical rules, so the model's constraints apply."""
-    if mesh is None:
-        yield
-        return
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(sharding.LOGICAL_RULES)):
-        yield
-
-
 @functools.lru_cache(maxsize=None)
 def _jit_prefill(config: ModelConfig, mesh, lora_scale: float):
     def prefill(params, lora, cache, ids, length, row, start, temperature, top_p, top_k, seed):
-        with _mesh_context(mesh):
+        with mesh_rules(mesh):
             bucket = ids.shape[1]
             small = llama.init_cache(config, 1, bucket, dtype=cache["k"].dtype)
             ar = jnp.arange(bucket, dtype=jnp.int32)
@@ -447,7 +436,7 @@ def _jit_prefill(config: ModelConfig, mesh, lora_scale: float):
 @functools.lru_cache(maxsize=None)
 def _jit_decode(config: ModelConfig, mesh, lora_scale: float):
     def decode(params, lora, cache, tokens, positions, active, index, temperature, top_p, top_k, seeds, steps):
-        with _mesh_context(mesh):
+        with mesh_rules(mesh):
             cache = dict(cache, index=index)
             logits, cache = llama.forward_with_cache(params, config, tokens[:, None], positions[:, None], cache,
                                                      segment_ids=active[:, None], lora=lora, lora_scale=lora_scale)
