@@ -1,8 +1,8 @@
 """int8 weights in bitsandbytes' LLM.int8 weight format (`Int8Params`: row-wise absmax int8).
 
-bitsandbytes quantises torch's `[out, in]` weight per output row (`int8_vectorwise_quant`):
-`scale = max |w_row|` (float32), `q = round_half_even(w * (127 / scale))` as int8, and dequantises
-`q * scale * (1 / 127)` in float32.  We keep our kernel layout: codes `[in, out]` int8 and one
+bitsandbytes (`Int8Params._quantize`) rounds the weight to float16, then quantises torch's `[out, in]`
+weight per output row (`int8_vectorwise_quant`): `scale = max |w_row|` (float32),
+`q = round_half_even(w * ((1 / scale) * 127))` as int8, and dequantises `q * scale * (1 / 127)` in float32.  We keep our kernel layout: codes `[in, out]` int8 and one
 scale per output channel `[out]`, so the codes shard exactly like the kernel.  The outlier
 decomposition of LLM.int8 (`threshold`) is a property of the activations at run time, not of the
 stored weights, and is not used (as bitsandbytes with `llm_int8_threshold=0`).
@@ -43,9 +43,10 @@ class Int8Tensor:
 
 def quantize_kernel(kernel: np.ndarray) -> Int8Tensor:
     """Row-wise (per output channel) absmax int8 of one kernel `[in, out]` (host NumPy), as bitsandbytes."""
-    w = np.asarray(kernel, dtype=np.float32)
+    w = np.asarray(kernel).astype(np.float16).astype(np.float32)
     scale = np.abs(w).max(axis=0)
-    factor = np.float32(127.0) / np.where(scale == 0, np.float32(1.0), scale)
+    # torch evaluates `127.0 / scale` as `scale.reciprocal() * 127.0` (two roundings)
+    factor = (np.float32(1.0) / np.where(scale == 0, np.float32(1.0), scale)) * np.float32(127.0)
     codes = np.round(w * factor[None, :]).astype(np.int8)
     return Int8Tensor(codes=codes, scale=scale.astype(np.float32))
 
