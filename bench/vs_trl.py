@@ -43,6 +43,8 @@ Model FLOPs per step (written down, used for both sides):
 
 Modes: default = small (4.95M) + medium (31.4M) models, LoRA + full, 10 steps x 3 reps (median);
 --quick = 6 steps x 1 rep (< 15 min on 2 quiet cores); --toy = seconds, for tests/test_bench_vs_trl.py.
+--sizes smollm2_135m: SmolLM2-135M's shapes (D 576, 30 layers, 9 / 3 heads, I 1536, V 49152, tied
+embeddings), random init, LoRA only.
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ SIZES = {
     "small": dict(hidden=256, layers=4, heads=4, kv=2, inter=688, vocab=4000),
     # >= 20M parameters
     "medium": dict(hidden=512, layers=8, heads=8, kv=4, inter=1376, vocab=8000),
+    # the shapes of a real small model, SmolLM2-135M (134.5M parameters, tied embeddings), random init;
+    # LoRA only (run it with --sizes smollm2_135m; not part of the default / --quick size lists)
+    "smollm2_135m": dict(hidden=576, layers=30, heads=9, kv=3, inter=1536, vocab=49152, tied=True, modes=("lora",)),
+    # toy with tied embeddings: the test's check of the tied-lm_head path on both sides
+    "toy_tied": dict(hidden=64, layers=2, heads=4, kv=2, inter=172, vocab=512, tied=True),
 }
 
 CHATML_TEMPLATE = (
@@ -178,13 +185,11 @@ def build_tokenizer(convs, vocab_size: int, out_dir: Path):
 # --------------------------------------------------------------------------------------------
 # Model: tiny random-init Llama in Hugging Face format
 # --------------------------------------------------------------------------------------------
-def build_model(size: dict, tok, out_dir: Path, max_len: int, seed: int = 0) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(size: dict, max_len: int, eos_token_id=None, pad_token_id=None):
+    """The transformers LlamaConfig of a SIZES entry."""
+    from transformers import LlamaConfig
 
-    vocab = len(tok)
-    assert vocab <= size["vocab"], (vocab, size)
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=size["vocab"],
         hidden_size=size["hidden"],
         intermediate_size=size["inter"],
@@ -194,11 +199,20 @@ def build_model(size: dict, tok, out_dir: Path, max_len: int, seed: int = 0) -> 
         head_dim=size["hidden"] // size["heads"],
         max_position_embeddings=max(max_len, 2048),
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
+        tie_word_embeddings=size.get("tied", False),
         bos_token_id=None,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.pad_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
+
+
+def build_model(size: dict, tok, out_dir: Path, max_len: int, seed: int = 0) -> dict:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    vocab = len(tok)
+    assert vocab <= size["vocab"], (vocab, size)
+    cfg = llama_config(size, max_len, tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float32)
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -727,11 +741,14 @@ def main(argv=None):
             f"\n## model {size_name}: {minfo['params'] / 1e6:.2f}M params "
             f"(matmul N={matmul_params(size) / 1e6:.2f}M, LoRA r16 {lora_params(size) / 1e6:.2f}M), "
             f"D={size['hidden']} L={size['layers']} H={size['heads']} KV={size['kv']} I={size['inter']} "
-            f"V={size['vocab']}"
+            f"V={size['vocab']}{' tied embeddings' if size.get('tied') else ''}"
         )
         if not why_not:
             log("# " + tokenization_check(tok, convs[:200]))
-        for mode, prec in [(m, p) for p in precisions for m in modes]:
+        size_modes = [m for m in modes if m in size.get("modes", modes)]
+        if size_modes != modes:
+            log(f"# {size_name}: modes {size_modes} only (of {modes})")
+        for mode, prec in [(m, p) for p in precisions for m in size_modes]:
             lora = mode == "lora"
             lr = a.lr_lora if lora else a.lr_full
             bf16 = prec == "bf16"
