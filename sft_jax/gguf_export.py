@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -69,7 +70,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PRE_BY_SPLIT = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
-_GENERATION_TAG = re.compile(r"{%-?\s*(?:end)?generation\s*-?%}")
+_GENERATION_TAG = re.compile(r"{%(-?)\s*(?:end)?generation\s*(-?)%}")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -95,7 +96,7 @@ class _Tensor:
     name: str  # GGUF name
     shape: tuple
     qtype: QT
-    load: object  # () -> float32 numpy array in HF layout (q/k already permuted)
+    load: Callable[[], np.ndarray]  # float32, HF layout, llama.cpp's q/k row order
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -123,6 +124,16 @@ def llama3_rope_factors(config: ModelConfig) -> np.ndarray:
             smooth = (old_ctx / wavelen - low) / (high - low)
             out.append(1.0 / ((1 - smooth) / factor + smooth))
     return np.asarray(out, dtype=np.float32)
+
+
+def strip_generation_tags(template: str) -> str:
+    """The chat template without transformers' `{% generation %}` / `{% endgeneration %}` markers (a
+    training-mask extension other Jinja engines reject); a marker with whitespace control (`{%-`, `-%}`)
+    becomes an empty `{{- '' -}}` with the same trimming, so the rendered text is unchanged."""
+    def repl(m):
+        return f"{{{{{m[1]} '' {m[2]}}}}}" if m[1] or m[2] else ""
+
+    return _GENERATION_TAG.sub(repl, template)
 
 
 def _read_json(path: str):
@@ -288,7 +299,7 @@ def _add_vocab(w: gguf.GGUFWriter, hf_dir: str, config: ModelConfig) -> tuple[st
     if special.chat_template is not None:
         if not isinstance(special.chat_template, str):
             raise GGUFExportError(f"{hf_dir}: several named chat templates; GGUF export writes a single one")
-        special.chat_template = _GENERATION_TAG.sub("", special.chat_template)
+        special.chat_template = strip_generation_tags(special.chat_template)
     special.add_to_gguf(w, quiet=True)
     gen_path = os.path.join(hf_dir, "generation_config.json")
     if os.path.isfile(gen_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import pytest
 from sft_jax.export import export_gguf, export_merged
 from sft_jax.export import main as export_main
 from sft_jax.export import run_cli
-from sft_jax.gguf_export import GGUFExportError, llama3_rope_factors, llama_cpp_permute, write_gguf
+from sft_jax.gguf_export import (GGUFExportError, llama3_rope_factors, llama_cpp_permute, strip_generation_tags,
+                                 write_gguf)
 from sft_jax.models import llama
 from sft_jax.workdir import load_run
 from test_workdir import shared_lora_run
@@ -172,6 +174,23 @@ def test_transformers_gguf_tokenizer_and_chat_template(exported):
     assert tok.decode(ref("Reverse the letters: abc").input_ids) == "Reverse the letters: abc"
 
 
+def test_generation_markers_stripped_without_changing_the_rendering(exported):
+    from transformers import AutoTokenizer
+
+    out, _, _ = exported
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  hello  "},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]
+    templates = [open(out / "merged" / "chat_template.jinja").read(),
+                 "{% for m in messages %}{{ m['role'] }}:   {%- if m['role'] == 'assistant' -%}  {%- generation -%}"
+                 "  {{ m['content'] }}  {%- endgeneration %}  |\n{% else %} {{ m['content'] }}\n{% endif %}{% endfor %}"]
+    for t in templates:
+        stripped = strip_generation_tags(t)
+        assert not re.search(r"{%-?\s*(end)?generation", stripped)
+        assert tok.apply_chat_template(msgs, chat_template=stripped, tokenize=False) == \
+            tok.apply_chat_template(msgs, chat_template=t, tokenize=False)
+
+
 def _tiny_hf_dir(path, tokenizer_src, model_type="llama", **kw):
     """A random tiny transformers model of `model_type` / `kw` (every weight and bias random) saved with the
     tokenizer files of `tokenizer_src`; returns sft_jax's ModelConfig of it."""
@@ -306,7 +325,12 @@ def test_stories260k_finetuned_gguf_loads_in_transformers(shared_dir, tmp_path):
     assert f["llama.vocab_size"] == 514 and f["tokenizer.ggml.add_space_prefix"] is True
     scores, types = f["tokenizer.ggml.scores"], f["tokenizer.ggml.token_type"]
     assert types[0] == 2 and types[1] == types[513] == 3 and types[3] == 6 and types[300] == 1  # UNK CONTROL BYTE
-    assert scores[259] > scores[260] > scores[300]  # merge order, as sentencepiece's scores
+    # merged pieces score by merge rank: the same order as tok512.model's own sentencepiece scores
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(assets / "tok512.model"))
+    merged = sorted((i for i in range(512) if scores[i] > -len(f["tokenizer.ggml.merges"])), key=lambda i: -scores[i])
+    assert len(merged) > 100 and all(sp.get_score(a) >= sp.get_score(b) for a, b in zip(merged, merged[1:]))
     assert f["tokenizer.ggml.eot_token_id"] == 513 and "tokenizer.ggml.merges" in f
 
     ids = np.array([[1, 512, 318, 419, 285, 13, 513, 410, 13, 400, 300, 260, 7, 99]])
