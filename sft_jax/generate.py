@@ -2,8 +2,8 @@
 
     python -m sft_jax.generate --model=HF_DIR | --workdir=DIR [--step=N]
         [--prompt="..." (repeatable: one batch) | --prompt_ids=1,2,3 (repeatable) | --interactive]
-        [--system="..."] [--max_new_tokens=N] [--temperature=0 --top_p=1 --top_k=0 --seed=0] [--json]
-        [--tensor_parallel=N]
+        [--system="..."] [--tools=TOOLS.json] [--max_new_tokens=N] [--temperature=0 --top_p=1 --top_k=0 --seed=0]
+        [--json] [--tensor_parallel=N]
 
 Prompts are rendered with the chat template used in training (the work directory's template /
 tokenizer, `add_generation_prompt=True`; tokenized without extra special tokens, exactly as the
@@ -13,7 +13,9 @@ config.json's eos ids, the tokenizer's EOS and the end-of-turn marker its templa
 `--prompt_ids` bypasses the template (raw ids, e.g. `1` = BOS).  A --model whose tokenizer has no
 chat_template encodes --prompt as plain text with the tokenizer's special tokens (BOS).
 `--json` prints one JSON object: {"generations": [{"prompt", "prompt_ids", "ids", "text",
-"finish_reason"}, ...]}.  `--interactive`: a multi-turn chat on stdin that keeps the history
+"finish_reason"[, "tool_calls"]}, ...]}.  `--tools` (a JSON list of function schemas) renders them
+into the prompt as training did and adds the generated `tool_calls` (parsed in the built-in
+template's format) to each result.  `--interactive`: a multi-turn chat on stdin that keeps the history
 (`/reset` clears it, `/exit` or EOF ends).  `--tensor_parallel=N` shards the weights over N devices
 (heads / MLP / vocab, `sharding.LOGICAL_RULES`) for a model that does not fit one.
 
@@ -48,24 +50,34 @@ class Generator:
     mesh: Any = None  # a jax Mesh: decode tensor-parallel over it (sharding.tensor_parallel_mesh)
 
     # ------------------------------------------------------------------ prompts
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        """Render with the training template (add_generation_prompt) -> ids (no extra specials)."""
+    def encode_messages(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Render with the training template (add_generation_prompt) -> ids (no extra specials).
+        ``tools``: JSON schemas for the template, as in training (``apply_chat_template(tools=...)``)."""
         if self.tokenizer is None:
             raise UsageError(f"{self.name}: no tokenizer; use --prompt_ids")
         if not self.template:
             raise UsageError(f"{self.name}: the tokenizer has no chat_template; use --prompt_ids or a plain --prompt")
         from sft_jax.data.masking import render
 
-        text = render(self.tokenizer, self.template, messages, add_generation_prompt=True)
+        text = render(self.tokenizer, self.template, messages, add_generation_prompt=True, tools=tools)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode_prompt(self, prompt: str, system: str = "") -> list[int]:
+    def encode_prompt(self, prompt: str, system: str = "", tools: list[dict] | None = None) -> list[int]:
         if self.tokenizer is None:
             raise UsageError(f"{self.name}: no tokenizer; use --prompt_ids")
         if not self.template:  # a base model without a chat template: plain text (+ BOS)
             return list(self.tokenizer(prompt)["input_ids"])
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return self.encode_messages(msgs)
+        return self.encode_messages(msgs, tools)
+
+    def tool_calls(self, ids: Sequence[int]) -> list[dict]:
+        """Tool calls in generated ``ids``, in the format of the built-in template (``[]`` for others)."""
+        from sft_jax.data.templates import parse_tool_calls, template_name_of
+
+        if self.tokenizer is None:
+            return []
+        return parse_tool_calls(self.tokenizer.decode(list(ids), skip_special_tokens=False),
+                                template_name_of(self.tokenizer))
 
     def decode(self, ids: Sequence[int]) -> str | None:
         if self.tokenizer is None:
@@ -179,6 +191,7 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--prompt_ids", action="append", default=[], help="raw comma-separated ids, no template")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin")
     p.add_argument("--system", default="", help="system message")
+    p.add_argument("--tools", default=None, help="JSON file: a list of tool (function) schemas for the template")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0)
@@ -221,6 +234,16 @@ def _check_args(args) -> list[list[int]]:
             raise UsageError("--prompt_ids: empty")
         ids.append(row)
     return ids
+
+
+def _read_tools(path: str) -> list[dict]:
+    from sft_jax.data.formats import DataError, parse_tools
+
+    try:
+        with open(path) as f:
+            return parse_tools(f.read(), path, "tools")
+    except (OSError, DataError) as e:
+        raise UsageError(f"--tools={path}: {e}") from None
 
 
 def _load(args) -> Generator:
@@ -280,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.interactive:
         _interactive(gen, args)
         return 0
-    prompts: list[tuple[str | None, list[int]]] = [(p, gen.encode_prompt(p, args.system)) for p in args.prompt]
+    tools = _read_tools(args.tools) if args.tools else None
+    prompts: list[tuple[str | None, list[int]]] = [(p, gen.encode_prompt(p, args.system, tools)) for p in args.prompt]
     prompts += [(None, r) for r in raw]
     vocab = gen.config.vocab_size
     for _, ids in prompts:
@@ -293,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         {"prompt": p, "prompt_ids": ids, "ids": out, "text": gen.decode(out), "finish_reason": why}
         for (p, ids), (out, why) in zip(prompts, outs)
     ]
+    if tools:
+        for r in results:
+            r["tool_calls"] = gen.tool_calls(r["ids"])
     if args.json:
         print(json.dumps({"generations": results}, ensure_ascii=False))
     else:

@@ -9,6 +9,7 @@ The workdir layout is documented in README.md ("Workdir layout") and `sft_jax/wo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -302,8 +303,9 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
                             [r["messages"][-1]["content"] for r in rows], [r["task"] for r in rows])
         else:
             try:
-                convs = pipeline.split_records(cfg.data, "eval", seed)
-                convs = [c for group in convs for c in group][: int(cfg.eval.num_generations)]
+                groups = pipeline.split_records(cfg.data, "eval", seed)  # lazy with data.streaming: take a few
+                convs = list(itertools.islice((g[i] for g in groups for i in range(len(g))),
+                                              int(cfg.eval.num_generations)))
                 msgs = [c["messages"] if isinstance(c, dict) and "messages" in c else c for c in convs]
                 msgs = [m for m in msgs if isinstance(m, list) and m and m[-1].get("role") == "assistant"]
                 gen = _GenSetup(tokenizer, tokenizer.chat_template, stop_ids, [m[:-1] for m in msgs],

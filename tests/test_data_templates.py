@@ -10,6 +10,19 @@ from sft_jax.data.formats import DataError
 
 CONV = testing.CONVERSATION
 NAMES = sorted(templates.BUILTIN_TEMPLATES)
+# Qwen3 drops the reasoning block of turns before the last user query, and Mistral v0.3 puts the
+# system prompt (and tools) on the last user turn: rendering a prefix changes earlier text, so
+# only the {% generation %} markers give their masks (tests/test_data_tools.py checks them
+# against the published templates).
+NOT_PREFIX_STABLE = {"qwen3", "mistral-v0.3"}
+
+
+def _assistant_targets(name, conv=CONV):
+    """What each assistant turn trains on (before the end-of-turn token)."""
+    out = [m["content"] for m in conv if m["role"] == "assistant"]
+    if name == "qwen3":  # the final turn always carries its (here empty) think block
+        out[-1] = "<think>\n\n</think>\n\n" + out[-1]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +64,14 @@ def _squash(s):
 def _check_exact_spans(tok, name, ids, mask, conv=CONV):
     """Trainable = each assistant content + its end-of-turn token; nothing else."""
     eot = templates.end_of_turn_string(tok, name)
-    assistants = [m["content"] for m in conv if m["role"] == "assistant"]
+    assistants = _assistant_targets(name, conv)
     runs = _runs(mask)
     assert len(runs) == len(assistants), (name, runs)
     eot_id = tok.convert_tokens_to_ids(eot)
     for (a, b), content in zip(runs, assistants):
         text = tok.decode(list(ids[a:b]), skip_special_tokens=False)
-        assert _squash(text) == _squash(content + eot), (name, text)
+        expected = tok.decode(tok(content + eot, add_special_tokens=False)["input_ids"], skip_special_tokens=False)
+        assert _squash(text) == _squash(expected), (name, text)
         assert ids[b - 1] == eot_id, (name, "last trainable token must be the end-of-turn token")
         # the scaffolding right after the run is not trainable (e.g. chatml's newline)
         if b < len(ids):
@@ -69,9 +83,10 @@ def test_builtin_masks_exact_and_methods_agree_fast(fast_tok, name):
     tok, added = templates.prepare_tokenizer(copy.deepcopy(fast_tok), name)
     assert set(added) == {t for t in templates.TEMPLATE_TOKENS[name] if t not in fast_tok.get_vocab()}
     ids, mask = masking.encode(tok, tok.chat_template, CONV, method="generation")
-    ids2, mask2 = masking.encode(tok, tok.chat_template, CONV, method="prefix_diff")
-    np.testing.assert_array_equal(ids, ids2)
-    np.testing.assert_array_equal(mask, mask2)
+    if name not in NOT_PREFIX_STABLE:
+        ids2, mask2 = masking.encode(tok, tok.chat_template, CONV, method="prefix_diff")
+        np.testing.assert_array_equal(ids, ids2)
+        np.testing.assert_array_equal(mask, mask2)
     # ... and both equal transformers' own template-driven assistant mask
     ref = tok.apply_chat_template(CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert list(ids) == list(ref["input_ids"])
@@ -79,7 +94,8 @@ def test_builtin_masks_exact_and_methods_agree_fast(fast_tok, name):
     _check_exact_spans(tok, name, ids, mask)
     # the system prompt is never trainable, and neither is the first user turn
     first_run = _runs(mask)[0][0]
-    assert "kind helper" in tok.decode(list(ids[:first_run]))
+    assert "Hello there" in tok.decode(list(ids[:first_run]))
+    assert "kind helper" in tok.decode(list(ids)) and "kind helper" not in tok.decode(list(ids[mask == 1]))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -91,9 +107,10 @@ def test_builtin_methods_agree_slow_sentencepiece(slow_tok, name):
     with pytest.raises(Exception):
         tok.apply_chat_template(CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = masking.encode(tok, tok.chat_template, CONV, method="generation")
-    ids2, mask2 = masking.encode(tok, tok.chat_template, CONV, method="prefix_diff")
-    np.testing.assert_array_equal(ids, ids2)
-    np.testing.assert_array_equal(mask, mask2)
+    if name not in NOT_PREFIX_STABLE:
+        ids2, mask2 = masking.encode(tok, tok.chat_template, CONV, method="prefix_diff")
+        np.testing.assert_array_equal(ids, ids2)
+        np.testing.assert_array_equal(mask, mask2)
     _check_exact_spans(tok, name, ids, mask)
 
 
@@ -104,14 +121,15 @@ def test_builtin_text_markers_tok512(tok512, name):
     tok, added = templates.prepare_tokenizer(copy.deepcopy(tok512), name, add_tokens=False)
     assert added == [] and len(tok) == 512
     ids, mask = masking.encode(tok, tok.chat_template, CONV, method="generation")
-    ids2, mask2 = masking.encode(tok, tok.chat_template, CONV, method="prefix_diff")
-    np.testing.assert_array_equal(ids, ids2)
-    np.testing.assert_array_equal(mask, mask2)
+    if name not in NOT_PREFIX_STABLE:
+        ids2, mask2 = masking.encode(tok, tok.chat_template, CONV, method="prefix_diff")
+        np.testing.assert_array_equal(ids, ids2)
+        np.testing.assert_array_equal(mask, mask2)
     ref = tok.apply_chat_template(CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert list(mask) == list(ref["assistant_masks"])
     eot = templates.end_of_turn_string(tok, name)
     runs = _runs(mask)
-    assistants = [m["content"] for m in CONV if m["role"] == "assistant"]
+    assistants = _assistant_targets(name)
     assert len(runs) == len(assistants)
     for (a, b), content in zip(runs, assistants):
         assert _squash(tok.decode(list(ids[a:b]))) == _squash(content + eot)

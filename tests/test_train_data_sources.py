@@ -1,5 +1,6 @@
-"""The trainer on issue-22 sources: streamed Parquet shards (exact resume), a saved `datasets`
-dataset, on the real stories260K base (../shared), in subprocesses."""
+"""The trainer on issue-22 data: streamed Parquet shards (exact resume), a saved `datasets`
+dataset, a tool-calling data set that then generates calls in the family's format; on the real
+stories260K base (../shared), trained in subprocesses."""
 
 from __future__ import annotations
 
@@ -65,3 +66,42 @@ def test_saved_datasets_dataset_trains(base, tmp_path):
     assert sorted(losses) == [1, 2, 3] and all(0 < v < 20 for v in losses.values())
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["config"]["data"]["path"] == str(tmp_path / "saved")
+
+
+CITIES = ["Paris", "Rome", "Oslo", "Lima"]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def _tool_row(k):
+    city, cid = CITIES[k % len(CITIES)], f"call{k:05d}"
+    return {"tools": TOOLS, "messages": [
+        {"role": "user", "content": f"What is the weather in {city}?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": cid, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+        {"role": "tool", "tool_call_id": cid, "content": '{"sky": "sunny"}'},
+        {"role": "assistant", "content": f"It is sunny in {city}."}]}
+
+
+@pytest.mark.slow
+def test_tool_calling_dataset_trains_and_generates_calls(base, tmp_path):
+    from sft_jax.data.templates import parse_tool_calls
+    from sft_jax.generate import load_workdir
+
+    data = testing.write_jsonl(str(tmp_path / "tools.jsonl"), [_tool_row(k) for k in range(64)])
+    wd = tmp_path / "run"
+    losses = _run(base, wd, data, "--config.data.template=mistral-v0.3", "--config.data.max_length=384",
+                  "--config.train.steps=80", "--config.train.batch_size=8", "--config.train.lr=3e-3",
+                  "--config.train.schedule=constant", "--config.checkpoint.every_steps=0")
+    assert losses[80] < losses[1] / 3, losses
+    gen = load_workdir(str(wd))
+    prompts = [gen.encode_messages([{"role": "user", "content": f"What is the weather in {c}?"}], TOOLS)
+               for c in CITIES[:2]]
+    outs = gen.generate_ids(prompts, max_new_tokens=120)
+    for (ids, why), city in zip(outs, CITIES):
+        text = gen.tokenizer.decode(ids, skip_special_tokens=False)
+        assert text.lstrip().startswith("[TOOL_CALLS] ["), text  # Mistral's format
+        calls = parse_tool_calls(text, "mistral-v0.3")
+        assert len(calls) == 1 and calls[0]["name"] == "get_weather", text
+        assert set(calls[0]["arguments"]) == {"city"}, text
+        assert gen.tool_calls(ids) == calls
