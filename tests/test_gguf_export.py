@@ -1,7 +1,8 @@
 """GGUF export: read back with `gguf.GGUFReader` (metadata, tensor names / shapes / types, tokenizer, chat
 template) and loaded by transformers (`gguf_file=`) with the logits of the merged HF export: f32 exact,
 f16 / bf16 equal to the merged weights rounded to that dtype, q8_0 equal to them quantised by `gguf.quants`
-and within 3% of the f32 logits; llama.cpp's q/k permutation checked against its RoPE; bad input errors."""
+and within 3% of the f32 logits; a numpy forward pass reading the file as llama.cpp does (its RoPE layout,
+rope scaling, qk norm) gives the same logits; llama.cpp's q/k permutation checked against its RoPE; bad input."""
 
 from __future__ import annotations
 
@@ -143,6 +144,8 @@ def test_transformers_gguf_logits_equal_merged_export(exported, dt):
     out, _, _ = exported
     ref = _logits(_hf(out / "merged"))
     got = _logits(_hf(out / "gguf", gguf_file=f"model-{dt}.gguf"))
+    # read as llama.cpp reads the file: the same logits as transformers' reading of it
+    np.testing.assert_allclose(_llama_cpp_forward(out / "gguf" / f"model-{dt}.gguf", IDS), got, atol=1e-4, rtol=0)
     if dt == "f32":
         np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
         return
@@ -191,6 +194,59 @@ def test_generation_markers_stripped_without_changing_the_rendering(exported):
             tok.apply_chat_template(msgs, chat_template=t, tokenize=False)
 
 
+def _llama_cpp_forward(path, ids: np.ndarray, scaled: bool = True) -> np.ndarray:
+    """Logits of a GGUF file read the way llama.cpp reads it (an independent reference: no transformers):
+    its keys, dequantised tensors, RoPE on adjacent pairs for `llama` (rotate-half for qwen2/qwen3) with
+    `rope_freqs` factors or linear scaling (`scaled=False` ignores them), qk norm, GQA, tied output when
+    `output.weight` is absent."""
+    r = gguf.GGUFReader(str(path))
+    f = {k: v.contents() for k, v in r.fields.items()}
+    w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64) for t in r.tensors}
+    arch = f["general.architecture"]
+    heads, kv, d = f[f"{arch}.attention.head_count"], f[f"{arch}.attention.head_count_kv"], f[f"{arch}.attention.key_length"]
+    eps, base = f[f"{arch}.attention.layer_norm_rms_epsilon"], f[f"{arch}.rope.freq_base"]
+    inv = base ** (-np.arange(0, d, 2) / d) / (w.get("rope_freqs.weight", 1.0) if scaled else 1.0)
+    pos = np.arange(ids.shape[1]) / (f.get(f"{arch}.rope.scaling.factor", 1.0) if scaled else 1.0)
+    ang = pos[:, None] * inv[None]  # [T, d/2]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+
+    def rms(x, g):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    def rope(x):  # [T, H, d]
+        if arch == "llama":  # GGML_ROPE_TYPE_NORM
+            a, b = x[..., 0::2], x[..., 1::2]
+            o = np.empty_like(x)
+            o[..., 0::2], o[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+            return o
+        a, b = x[..., : d // 2], x[..., d // 2:]  # NEOX
+        return np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
+
+    def lin(x, name):
+        return x @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)
+
+    out = []
+    for row in ids:
+        t = len(row)
+        x = w["token_embd.weight"][row]
+        for i in range(f[f"{arch}.block_count"]):
+            p = f"blk.{i}."
+            h = rms(x, w[p + "attn_norm.weight"])
+            q, k, v = (lin(h, p + n).reshape(t, -1, d) for n in ("attn_q", "attn_k", "attn_v"))
+            if p + "attn_q_norm.weight" in w:
+                q, k = rms(q, w[p + "attn_q_norm.weight"]), rms(k, w[p + "attn_k_norm.weight"])
+            q, k = rope(q), np.repeat(rope(k), heads // kv, axis=1)
+            s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + np.triu(np.full((t, t), -np.inf), 1)
+            a = np.exp(s - s.max(-1, keepdims=True))
+            a /= a.sum(-1, keepdims=True)
+            x = x + lin(np.einsum("hqk,khd->qhd", a, np.repeat(v, heads // kv, axis=1)).reshape(t, -1), p + "attn_output")
+            h = rms(x, w[p + "ffn_norm.weight"])
+            g = lin(h, p + "ffn_gate")
+            x = x + lin(g / (1 + np.exp(-g)) * lin(h, p + "ffn_up"), p + "ffn_down")
+        out.append(rms(x, w["output_norm.weight"]) @ w.get("output.weight", w["token_embd.weight"]).T)
+    return np.stack(out)
+
+
 def _tiny_hf_dir(path, tokenizer_src, model_type="llama", **kw):
     """A random tiny transformers model of `model_type` / `kw` (every weight and bias random) saved with the
     tokenizer files of `tokenizer_src`; returns sft_jax's ModelConfig of it."""
@@ -230,30 +286,42 @@ def test_qwen2_qwen3_and_tied_llama_load_in_transformers(exported, tmp_path):
         ref = _logits(_hf(d))
         assert np.abs(ref).max() > 1.0
         np.testing.assert_allclose(_logits(_hf(d, gguf_file="m.gguf")), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+        np.testing.assert_allclose(_llama_cpp_forward(d / "m.gguf", IDS), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
 
 
-def test_rope_scaling_metadata(exported, tmp_path):
+def _check_scaled_rope(d, gguf_path):
+    """Under llama.cpp's reading the GGUF gives transformers' logits of the HF directory (which applies
+    the rope scaling); the same file with the scaling ignored does not (64 positions make it matter)."""
+    ids = np.random.default_rng(0).integers(4, 400, (1, 64))
+    ref = _logits(_hf(d), ids)
+    np.testing.assert_allclose(_llama_cpp_forward(gguf_path, ids), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    assert np.abs(_llama_cpp_forward(gguf_path, ids, scaled=False) - ref).max() > 1e-2 * np.abs(ref).max()
+
+
+def test_rope_scaling_metadata_and_numerics(exported, tmp_path):
     out, _, _ = exported
     d = tmp_path / "linear"
     _tiny_hf_dir(d, out / "merged", rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
-    s = write_gguf(str(d), str(d / "m.gguf"), dtype="f16")
+    s = write_gguf(str(d), str(d / "m.gguf"), dtype="f32")
     _, f = _fields(s.path)
     assert f["llama.rope.scaling.type"] == "linear" and f["llama.rope.scaling.factor"] == 4.0
     assert "rope_freqs.weight" not in s.tensor_types
+    _check_scaled_rope(d, d / "m.gguf")
 
     d = tmp_path / "llama3"
     rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+          "original_max_position_embeddings": 64, "rope_theta": 10000.0}
     config = _tiny_hf_dir(d, out / "merged", rope_parameters=rs)
     s = write_gguf(str(d), str(d / "m.gguf"), dtype="q8_0")
     r, f = _fields(s.path)
     freqs = {t.name: t for t in r.tensors}["rope_freqs.weight"]
     assert freqs.tensor_type.name == "F32" and "llama.rope.scaling.type" not in f
     # llama.cpp divides the unscaled inverse frequencies by these factors: that is sft_jax's llama3 rope
-    unscaled = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)
+    unscaled = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
     np.testing.assert_allclose(unscaled / np.asarray(freqs.data), llama.rope_inv_freq(config), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(freqs.data), llama3_rope_factors(config))
     assert 1.0 in freqs.data and 8.0 in freqs.data and len(set(np.asarray(freqs.data).tolist())) > 2
+    _check_scaled_rope(d, write_gguf(str(d), str(d / "f32.gguf"), dtype="f32").path)
 
 
 def test_bad_input_errors(exported, tmp_path, capsys):
