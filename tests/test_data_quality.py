@@ -80,8 +80,8 @@ def planted_dataset():
                        "output": " ".join(["the waves crash on the shore."] * 12)})
     add("unclosed_code_fence", {"instruction": "Give me a python loop.", "input": "",
                                 "output": "Here it is:\n```python\nfor i in range(3):\n    print(i)\n"})
-    add("restates_prompt", {"instruction": "Repeat after me: the dog ran fast and jumped over the tall fence today.",
-                            "input": "", "output": "Repeat after me: the dog ran fast and jumped over the tall fence today."})
+    said = "Repeat after me: the dog ran fast and jumped over the tall fence today."
+    add("restates_prompt", {"instruction": said, "input": "", "output": said})
     add("wrong_language", {"instruction": "Translate the sentence 'the dog is happy and it likes the sun' into French.",
                            "input": "", "output": "The dog is happy and it likes the sun and the sea."})
     add("short_response", {"instruction": "Is the ball red?", "input": "", "output": "Yes."})
@@ -164,10 +164,11 @@ def test_tool_call_rows_are_kept_whole(tmp_path):
 
 
 def test_text_helpers():
-    assert quality_text.root_verb_object("Can you please describe a process of making crepes?") == ("describe", "process")
-    assert quality_text.root_verb_object("Write a short poem about the sea.") == ("write", "poem")
-    assert quality_text.root_verb_object("How do I open the console?") == ("question:how", "")
-    assert quality_text.root_verb_object("I have a problem with my code.") == ("other", "")
+    verb_object = quality_text.root_verb_object
+    assert verb_object("Can you please describe a process of making crepes?") == ("describe", "process")
+    assert verb_object("Write a short poem about the sea.") == ("write", "poem")
+    assert verb_object("How do I open the console?") == ("question:how", "")
+    assert verb_object("I have a problem with my code.") == ("other", "")
     assert quality_text.asked_language("Translate this from German to Spanish.") == "spanish"
     assert quality_text.asked_language("In Greek mythology, who was Cronus?") is None
     assert quality_text.language_matches("Le chat est sur la table et il dort dans le soleil.", "french") is True
@@ -210,7 +211,8 @@ def tiny_model(tmp_path_factory):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                                   tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id)
     model = transformers.LlamaForCausalLM(cfg).eval()
     model.save_pretrained(str(d), safe_serialization=True)
     return str(d), model

@@ -101,7 +101,10 @@ class QualityResult:
     @property
     def counts(self) -> dict[str, int]:
         c = Counter(r for rs in self.reasons for r in rs)
-        return {r: c.get(r, 0) for r in REASONS}
+        out = {r: c.get(r, 0) for r in REASONS}
+        if self.options.select:
+            out["not_selected"] = c.get("not_selected", 0)
+        return out
 
     def summary(self) -> dict:
         out = {
@@ -233,7 +236,8 @@ def analyse(records: list[dict], opts: QualityOptions, *, tokenizer=None, templa
         if drop & set(reasons[i]):
             continue
         flagged = sorted(reasons[i])
-        result.kept_why[i] = "no reason in --drop" + (f" (flagged, not dropped: {', '.join(flagged)})" if flagged else "")
+        note = f" (flagged, not dropped: {', '.join(flagged)})" if flagged else ""
+        result.kept_why[i] = "no reason in --drop" + note
     if opts.select:
         chosen, why = _select(result, passing, opts.select)
         for i in passing:

@@ -132,13 +132,17 @@ def make_steps(config, mesh, *, max_segments: int = MAX_SEGMENTS):
     return loss_step, embed_step
 
 
-def _run(step, params, batches) -> tuple[list[dict[str, np.ndarray]], int]:
-    """Run ``step`` over host batches; (host outputs, real tokens)."""
-    outs, tokens = [], 0
+def _run(step, params, batches) -> tuple[list[dict[str, np.ndarray]], int, float]:
+    """Run ``step`` over host batches: (host outputs, real tokens, seconds), the tokens and
+    seconds without the first batch (which includes compiling) when there are several."""
+    outs, tokens, seconds = [], [], []
     for b in batches:
+        t = time.perf_counter()
         outs.append(jax.tree.map(np.asarray, step(params, {}, b)))
-        tokens += int((b["segment_ids"] > 0).sum())
-    return outs, tokens
+        seconds.append(time.perf_counter() - t)
+        tokens.append(int((b["segment_ids"] > 0).sum()))
+    skip = 1 if len(batches) > 1 else 0
+    return outs, sum(tokens[skip:]), sum(seconds[skip:])
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -179,7 +183,8 @@ class ModelScores:
     """Per example (aligned with the scored records): ``loss`` mean cross-entropy of the
     trainable tokens, ``loss_last`` / ``loss_alone`` of the last assistant turn with / without
     its context, ``ifd`` their ratio (NaN where a turn was cut off by ``max_length``),
-    ``embedding`` [n, D], ``cluster`` [n]."""
+    ``embedding`` [n, D], ``cluster`` [n]; ``tokens_per_second``: real tokens of the three
+    passes over their step time (each pass's first, compiling batch left out)."""
 
     loss: np.ndarray
     loss_last: np.ndarray
@@ -226,26 +231,24 @@ def score(model_path: str, cfg, tokenized: list[Tokenized], tokenizer, *, batch_
                       "last": np.ones(len(seq) - 1, np.float32)})
         prompt.append({"inputs": tk.ids[: max(tk.last[0], 1)][:T]})
 
-    t0 = time.perf_counter()
-    tokens = 0
+    tokens = seconds = 0.0
     batches, where = pack(conv, length=T, batch_size=batch_size)
-    outs, n_tok = _run(loss_step, params, batches)
-    tokens += n_tok
+    outs, n_tok, sec = _run(loss_step, params, batches)
+    tokens, seconds = tokens + n_tok, seconds + sec
     tr_sum, tr_n = _gather(outs, where, "trainable_sum", "trainable_n")
     last_sum, last_n = _gather(outs, where, "last_sum", "last_n")
     alone_items = [a for a in alone if len(a["inputs"])]
     batches, where_alone = pack(alone_items, length=T, batch_size=batch_size)
-    outs, n_tok = _run(loss_step, params, batches)
-    tokens += n_tok
+    outs, n_tok, sec = _run(loss_step, params, batches)
+    tokens, seconds = tokens + n_tok, seconds + sec
     al_sum, al_n = _gather(outs, where_alone, "last_sum", "last_n")
     full_al_sum, full_al_n = np.full(len(alone), np.nan), np.zeros(len(alone))
     idx = [i for i, a in enumerate(alone) if len(a["inputs"])]
     full_al_sum[idx], full_al_n[idx] = al_sum, al_n
     batches, where_p = pack(prompt, length=T, batch_size=batch_size)
-    outs, n_tok = _run(embed_step, params, batches)
-    tokens += n_tok
+    outs, n_tok, sec = _run(embed_step, params, batches)
+    tokens, seconds = tokens + n_tok, seconds + sec
     emb = np.stack([outs[b]["sum"][r, s - 1] / outs[b]["n"][r, s - 1] for b, r, s in where_p])
-    seconds = time.perf_counter() - t0
 
     with np.errstate(invalid="ignore", divide="ignore"):
         loss = tr_sum / tr_n

@@ -27,7 +27,10 @@ window.addEventListener('load', function () {
   var imgs = document.images, ok = 0;
   for (var i = 0; i < imgs.length; i++) {
     if (imgs[i].complete && imgs[i].naturalWidth > 0) { ok++; }
-    else { imgs[i].insertAdjacentHTML('afterend', '<p class="broken">image failed to load: ' + imgs[i].getAttribute('src') + '</p>'); }
+    else {
+      imgs[i].insertAdjacentHTML('afterend',
+        '<p class="broken">image failed to load: ' + imgs[i].getAttribute('src') + '</p>');
+    }
   }
   document.body.setAttribute('data-images-loaded', ok + '/' + imgs.length);
 });
@@ -55,6 +58,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(name: str, alt: str) -> str:
+    return f"<img src='{_e(name)}' alt='{_e(alt)}'>"
 
 
 def _save(fig, path: pathlib.Path) -> str:
@@ -137,18 +144,21 @@ def write_report(result, out_dir: str) -> str:
     # ---- lengths
     parts.append("<h2>Lengths per source</h2>")
     if result.tokens is not None:
-        parts.append(f"<img src='{_hist_per_source(result, result.tokens, 'tokens', 'conversation length (tokens)', out / 'lengths.png')}' alt='lengths'>")
-        parts.append(f"<img src='{_hist_per_source(result, result.trainable, 'trainable tokens', 'trainable tokens per row', out / 'trainable.png')}' alt='trainable tokens'>")
+        parts.append(_img(_hist_per_source(result, result.tokens, "tokens", "conversation length (tokens)",
+                                           out / "lengths.png"), "lengths"))
+        parts.append(_img(_hist_per_source(result, result.trainable, "trainable tokens", "trainable tokens per row",
+                                           out / "trainable.png"), "trainable tokens"))
     else:
         words = np.asarray([len(quality_text.normalise_words(quality_text.conversation_text(r["messages"])))
                             for r in result.records])
         parts.append("<p>No tokenizer given: lengths in words.</p>")
-        parts.append(f"<img src='{_hist_per_source(result, words, 'words', 'conversation length (words)', out / 'lengths.png')}' alt='lengths'>")
+        parts.append(_img(_hist_per_source(result, words, "words", "conversation length (words)", out / "lengths.png"),
+                          "lengths"))
 
     # ---- noise
     counts = summary["reasons"]
     parts.append("<h2>Reasons (noise, duplicates, contamination)</h2>")
-    parts.append(f"<img src='{_bar(list(counts), list(counts.values()), 'rows per reason', out / 'reasons.png')}' alt='reasons'>")
+    parts.append(_img(_bar(list(counts), list(counts.values()), "rows per reason", out / "reasons.png"), "reasons"))
     parts.append(_table(["reason", "rows", "dropped"], [[_e(r), str(n), "yes" if r in result.options.drop else "no"]
                                                        for r, n in counts.items()]))
 
@@ -156,7 +166,9 @@ def write_report(result, out_dir: str) -> str:
     parts.append("<h2>Duplicate clusters</h2>")
     if result.clusters:
         sizes = Counter(len(c.members) for c in result.clusters)
-        parts.append(f"<img src='{_bar([str(s) for s in sorted(sizes)], [sizes[s] for s in sorted(sizes)], 'clusters by size', out / 'duplicates.png')}' alt='duplicate cluster sizes'>")
+        by_size = sorted(sizes)
+        parts.append(_img(_bar([str(n) for n in by_size], [sizes[n] for n in by_size], "clusters by size",
+                               out / "duplicates.png"), "duplicate cluster sizes"))
         drows = []
         for ci, c in enumerate(result.clusters[:30]):
             keeper = result.keepers[ci]
@@ -173,12 +185,12 @@ def write_report(result, out_dir: str) -> str:
         parts.append("<h2>Contamination</h2>")
         parts.append(f"<p>{len(contaminated)} row(s) share a {result.options.ngram}-gram with "
                      f"{_e(', '.join(result.options.eval_paths))}.</p>")
-        parts.append(_table(["row", "overlap"], [[_e(result.records[i]["source"]), _e(result.reasons[i]["contaminated"])]
-                                                 for i in contaminated[:50]]))
+        parts.append(_table(["row", "overlap"], [[_e(result.records[i]["source"]),
+                                                  _e(result.reasons[i]["contaminated"])] for i in contaminated[:50]]))
 
     # ---- task mix
     parts.append("<h2>Task mix</h2>")
-    parts.append(f"<img src='{_task_mix_plot(result.task, out / 'task_mix.png')}' alt='task mix'>")
+    parts.append(_img(_task_mix_plot(result.task, out / "task_mix.png"), "task mix"))
 
     # ---- model
     if result.scores is not None:
@@ -190,11 +202,13 @@ def write_report(result, out_dir: str) -> str:
         title = (f"cluster sizes: entropy {ent['nats']:.2f} nats ({ent['normalised']:.2f} of max), "
                  f"{ent['effective']:.1f} effective clusters")
         png = _bar([str(i) for i in range(len(sizes))], sizes, title, out / "clusters.png")
-        parts.append(f"<img src='{png}' alt='cluster sizes'>")
+        parts.append(_img(png, "cluster sizes"))
         crow = []
         for j in range(len(sizes)):
             members = np.flatnonzero(s.cluster == j)[:2]
-            crow.append([str(j), str(sizes[j]), "".join(f"<pre>{_e(quality_text.first_instruction(result.records[i]['messages'])[:160])}</pre>" for i in members)])
+            shown = "".join(f"<pre>{_e(quality_text.first_instruction(result.records[i]['messages'])[:160])}</pre>"
+                            for i in members)
+            crow.append([str(j), str(sizes[j]), shown])
         parts.append(_table(["cluster", "rows", "instructions"], crow))
         parts.append("<h2>Difficulty: loss and IFD under the base model</h2>")
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -203,8 +217,9 @@ def write_report(result, out_dir: str) -> str:
         ifd = s.ifd[np.isfinite(s.ifd)]
         axes[1].hist(ifd, bins=40)
         axes[1].axvline(1.0, color="r", linestyle="--")
-        axes[1].set_title(f"IFD (median {np.median(ifd) if ifd.size else float('nan'):.3f}; >= 1: {int((ifd >= 1).sum())})")
-        parts.append(f"<img src='{_save(fig, out / 'difficulty.png')}' alt='loss and IFD'>")
+        median = np.median(ifd) if ifd.size else float("nan")
+        axes[1].set_title(f"IFD (median {median:.3f}; >= 1: {int((ifd >= 1).sum())})")
+        parts.append(_img(_save(fig, out / "difficulty.png"), "loss and IFD"))
 
     # ---- examples per reason
     parts.append("<h2>Examples per reason</h2>")
