@@ -158,12 +158,14 @@ def _config(hf_dir: str) -> tuple[dict, ModelConfig]:
         raise GGUFExportError(f"{path}: sliding_window={config.sliding_window} < max_position_embeddings="
                               f"{config.max_position_embeddings}: llama.cpp's {GGUF_ARCHS[mt].name.lower()} "
                               "architecture attends to the whole context")
-    if config.attention_bias != config.attention_out_bias and mt != "qwen2":
-        raise GGUFExportError(f"{path}: attention_bias on q/k/v without o_proj has no GGUF {mt} form")
+    rope = (config.rope_scaling or {}).get("rope_type")
+    if rope == "llama3" and GGUF_ARCHS[mt] != gguf.MODEL_ARCH.LLAMA:
+        raise GGUFExportError(f"{path}: rope_scaling {config.rope_scaling}: llama3 rope scaling is written for "
+                              "the llama architecture only (as llama.cpp's rope_freqs tensor)")
     return d, config
 
 
-def _add_hparams(w: gguf.GGUFWriter, config: ModelConfig, name: str, ftype: LlamaFileType, arch) -> None:
+def _add_hparams(w: gguf.GGUFWriter, config: ModelConfig, name: str, ftype: LlamaFileType) -> None:
     w.add_name(name)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -180,12 +182,9 @@ def _add_hparams(w: gguf.GGUFWriter, config: ModelConfig, name: str, ftype: Llam
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     rs = config.rope_scaling or {}
-    kind = rs.get("rope_type")
-    if kind == "linear":
+    if rs.get("rope_type") == "linear":  # llama3 scaling is the rope_freqs tensor
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rs["factor"]))
-    elif kind == "llama3" and arch != gguf.MODEL_ARCH.LLAMA:
-        raise GGUFExportError(f"rope_scaling {rs}: llama3 rope scaling is written for the llama architecture only")
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -276,18 +275,14 @@ def _add_vocab(w: gguf.GGUFWriter, hf_dir: str, config: ModelConfig) -> tuple[st
         else:
             types[i] = TokenType.CONTROL if at.get("special") else TokenType.USER_DEFINED
 
-    merges = _merge_pairs(model.get("merges", []), path)
     w.add_tokenizer_model(kind)
-    if kind == "llama":
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(_sentencepiece_scores(vocab, merges, n))
-    else:
-        w.add_tokenizer_pre(_pre_tokenizer_name(pre, path))
-        w.add_token_list(tokens)
+    w.add_token_list(tokens)
     w.add_token_types(types)
-
-    if kind == "llama":
+    if kind == "gpt2":
+        w.add_tokenizer_pre(_pre_tokenizer_name(pre, path))
+    else:
+        w.add_tokenizer_pre("default")
+        w.add_token_scores(_sentencepiece_scores(vocab, _merge_pairs(model.get("merges", []), path), n))
         if tc.get("add_prefix_space") is not None:
             w.add_add_space_prefix(bool(tc["add_prefix_space"]))
         norms = (tj.get("normalizer") or {}).get("normalizers", [])
@@ -361,7 +356,7 @@ def write_gguf(hf_dir: str, out_path: str, *, dtype: str = "f16", name: str | No
     tmp = out_path + ".partial"  # renamed when complete: a failed export leaves no truncated GGUF
     w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        _add_hparams(w, config, name or os.path.splitext(os.path.basename(out_path))[0], ftype, arch)
+        _add_hparams(w, config, name or os.path.splitext(os.path.basename(out_path))[0], ftype)
         kind, n_tokens = _add_vocab(w, hf_dir, config)
         for t in plan:
             nbytes = math.prod(gguf.quant_shape_to_byte_shape(t.shape, t.qtype))

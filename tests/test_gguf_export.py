@@ -82,7 +82,8 @@ def test_metadata_tensors_and_tokenizer_read_back(exported):
         assert (f["llama.context_length"], f["llama.embedding_length"], f["llama.block_count"],
                 f["llama.feed_forward_length"], f["llama.attention.head_count"], f["llama.attention.head_count_kv"],
                 f["llama.rope.dimension_count"], f["llama.vocab_size"]) == (256, 64, 2, 128, 4, 2, 16, 402)
-        assert f["llama.rope.freq_base"] == 10000.0 and f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+        assert f["llama.rope.freq_base"] == 10000.0
+        assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
         assert "llama.rope.scaling.type" not in f
         # tokenizer: byte-level BPE -> llama.cpp's "gpt2" vocab with its merges and GPT-2 pre-tokenizer
         assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
@@ -92,8 +93,7 @@ def test_metadata_tensors_and_tokenizer_read_back(exported):
         assert len(f["tokenizer.ggml.merges"]) == len(tj["model"]["merges"])
         types = f["tokenizer.ggml.token_type"]
         assert [types[i] for i in (0, 1, 2, 3, 400, 401)] == [3] * 6 and types[100] == 1  # CONTROL, NORMAL
-        assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.padding_token_id"],
-                f["tokenizer.ggml.eot_token_id"]) == (1, 2, 3, 401)
+        assert tuple(f[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "padding", "eot")) == (1, 2, 3, 401)
         assert f["tokenizer.chat_template"] == template.replace("{% generation %}", "").replace(
             "{% endgeneration %}", "")
         # tensors: llama.cpp names, HF shapes (GGUF lists dims innermost first), 1-D in F32
@@ -186,7 +186,8 @@ def test_generation_markers_stripped_without_changing_the_rendering(exported):
             {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]
     templates = [open(out / "merged" / "chat_template.jinja").read(),
                  "{% for m in messages %}{{ m['role'] }}:   {%- if m['role'] == 'assistant' -%}  {%- generation -%}"
-                 "  {{ m['content'] }}  {%- endgeneration %}  |\n{% else %} {{ m['content'] }}\n{% endif %}{% endfor %}"]
+                 "  {{ m['content'] }}  {%- endgeneration %}  |\n{% else %} {{ m['content'] }}\n{% endif %}"
+                 "{% endfor %}"]
     for t in templates:
         stripped = strip_generation_tags(t)
         assert not re.search(r"{%-?\s*(end)?generation", stripped)
@@ -203,7 +204,7 @@ def _llama_cpp_forward(path, ids: np.ndarray, scaled: bool = True) -> np.ndarray
     f = {k: v.contents() for k, v in r.fields.items()}
     w = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64) for t in r.tensors}
     arch = f["general.architecture"]
-    heads, kv, d = f[f"{arch}.attention.head_count"], f[f"{arch}.attention.head_count_kv"], f[f"{arch}.attention.key_length"]
+    heads, kv, d = (f[f"{arch}.attention.{k}"] for k in ("head_count", "head_count_kv", "key_length"))
     eps, base = f[f"{arch}.attention.layer_norm_rms_epsilon"], f[f"{arch}.rope.freq_base"]
     inv = base ** (-np.arange(0, d, 2) / d) / (w.get("rope_freqs.weight", 1.0) if scaled else 1.0)
     pos = np.arange(ids.shape[1]) / (f.get(f"{arch}.rope.scaling.factor", 1.0) if scaled else 1.0)
@@ -239,7 +240,8 @@ def _llama_cpp_forward(path, ids: np.ndarray, scaled: bool = True) -> np.ndarray
             s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + np.triu(np.full((t, t), -np.inf), 1)
             a = np.exp(s - s.max(-1, keepdims=True))
             a /= a.sum(-1, keepdims=True)
-            x = x + lin(np.einsum("hqk,khd->qhd", a, np.repeat(v, heads // kv, axis=1)).reshape(t, -1), p + "attn_output")
+            o = np.einsum("hqk,khd->qhd", a, np.repeat(v, heads // kv, axis=1)).reshape(t, -1)
+            x = x + lin(o, p + "attn_output")
             h = rms(x, w[p + "ffn_norm.weight"])
             g = lin(h, p + "ffn_gate")
             x = x + lin(g / (1 + np.exp(-g)) * lin(h, p + "ffn_up"), p + "ffn_down")
