@@ -102,6 +102,7 @@ def test_cli_bad_inputs_one_line(tmp_path, capsys):
     assert "--n must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_three_commands_end_to_end_and_train(tmp_path, capsys, shared_dir):
     """Self-Instruct -> Evol-Instruct and distillation on its output, against the crafted server;
     the trainer's reader accepts all three files and `sft_jax.train` trains on them."""
@@ -167,7 +168,8 @@ def test_three_commands_end_to_end_and_train(tmp_path, capsys, shared_dir):
     assert len(losses) == 2 and all(0 < m["loss"] < 20 for m in losses)
 
 
-def test_resume_after_kill9_neither_duplicates_nor_drops(tmp_path):
+@pytest.mark.slow
+def test_resume_after_kill9_neither_duplicates_nor_drops(tmp_path, shared_dir):
     """A real subprocess killed with SIGKILL mid-job, then rerun: the output equals an uninterrupted run."""
     ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
     with serving(CraftedTeacher(delay=0.03)) as s:
@@ -202,6 +204,47 @@ def test_resume_after_kill9_neither_duplicates_nor_drops(tmp_path):
     assert _summary(out)["counts"] == _summary(ref)["counts"]
 
 
+@pytest.mark.parametrize("command", ["evol-instruct", "distill"])
+def test_interrupted_evol_and_distill_resume_to_the_same_output(tmp_path, monkeypatch, command):
+    """A job that dies between teacher calls (a dead endpoint, Ctrl-C) resumes from its rows and journal to
+    exactly the output of an uninterrupted run: Evol-Instruct rebuilds its population, distill skips done chunks."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Write about {w} {k}.", "output": f"About {w}."}) + "\n"
+                            for k, w in enumerate(["tea", "rain", "maps of", "salt", "iron", "wool", "moss"])))
+    real = cli.make_teacher
+
+    def dying_teacher(*a, **kw):
+        t = real(*a, **kw)
+        calls = {"n": 0}
+        complete = t.complete
+
+        def wrapped(*x, **y):
+            calls["n"] += 1
+            if calls["n"] > 4:
+                raise KeyboardInterrupt
+            return complete(*x, **y)
+
+        t.complete = wrapped
+        return t
+
+    def args(url, out):
+        extra = ["--rounds=3", f"--data={data}"] if command == "evol-instruct" else ["--n=2", f"--prompts={data}"]
+        return [command, f"--teacher={url}", "--teacher-model=m", f"--out={out}", "--chunk=2", "--no-progress", *extra]
+
+    out, ref = tmp_path / "out.jsonl", tmp_path / "ref.jsonl"
+    with serving(CraftedTeacher()) as s:
+        monkeypatch.setattr(cli, "make_teacher", dying_teacher)
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(args(s.url, out))
+        monkeypatch.setattr(cli, "make_teacher", real)
+        partial = _lines(out)
+        assert 0 < len(partial) and not pathlib.Path(str(out) + ".synth/summary.json").exists()
+        assert cli.main(args(s.url, out)) == 0
+        assert cli.main(args(s.url, ref)) == 0
+    assert out.read_bytes() == ref.read_bytes() and _lines(out)[: len(partial)] == partial
+    assert _summary(out)["counts"] == _summary(ref)["counts"]
+
+
 @pytest.mark.slow
 def test_in_process_teacher_stories260k(tmp_path, capsys, shared_dir):
     """The in-process teacher (`hf:DIR`): junk outputs, yet every job finishes, every rejection is counted
@@ -214,11 +257,15 @@ def test_in_process_teacher_stories260k(tmp_path, capsys, shared_dir):
     t = f"--teacher=hf:{base}"
     common = ["--no-progress", "--max-tokens=48", "--batch-size=8"]
     si, ev, ds = tmp_path / "si.jsonl", tmp_path / "ev.jsonl", tmp_path / "ds.jsonl"
-    assert cli.main(["self-instruct", t, f"--seed-tasks={SEEDS}", "--num=4", "--prompts-per-iteration=3",
-                     "--max-iterations=1", "--temperature=1.0", "--top-p=1.0", f"--out={si}", *common]) == 0
+    # 256 new tokens: room for a story to end (with BOS) before the limit, so some candidates are complete
+    assert cli.main(["self-instruct", t, f"--seed-tasks={SEEDS}", "--num=2", "--prompts-per-iteration=4",
+                     "--max-iterations=3", "--temperature=1.0", "--top-p=1.0", f"--out={si}", "--no-progress",
+                     "--max-tokens=256"]) == 0
     c = _summary(si)["counts"]
     _accounted(c, "instructions")
-    assert c["instructions.candidates"] > 0 and _summary(si)["teacher_usage"]["truncated_prompts"] > 0
+    _accounted(c, "instances")
+    assert c["instructions.rejected.cut_by_length"] > 0 and _summary(si)["teacher_usage"]["truncated_prompts"] > 0
+    assert c["instructions.accepted"] == len({r["instruction"] for r in _lines(si)}) > 0
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Tell a story about a {w}.", "output": f"A {w} story."}) + "\n"
                             for w in ("cat", "dog", "frog")))
@@ -233,5 +280,51 @@ def test_in_process_teacher_stories260k(tmp_path, capsys, shared_dir):
         lls = [x["loglik"] for x in r["synth"]["candidates"]]
         assert all(x < 0 for x in lls)
     assert "filter summary:" in capsys.readouterr().out
-    for path in (ev, ds) + ((si,) if _lines(si) else ()):
-        assert len(formats.load_file(str(path))) == len(_lines(path))
+    for path in (si, ev, ds):
+        assert len(formats.load_file(str(path))) == len(_lines(path)) > 0
+
+
+@pytest.mark.slow
+def test_against_sft_jax_serve(tmp_path):
+    """A real local endpoint: `sft_jax.serve` with a tiny random chat model (junk answers).  Evol-Instruct
+    and judge-scored distillation finish with every rejection counted; the log-likelihood scorer, which
+    needs `echo` (not served), stops with a one-line error."""
+    import jax
+
+    from sft_jax.data.templates import prepare_tokenizer
+    from sft_jax.data.testing import tiny_fast_tokenizer
+    from sft_jax.generate import load_model_dir
+    from sft_jax.models import llama
+    from sft_jax.models.config import ModelConfig
+    from sft_jax.models.hf_io import save_hf
+    from sft_jax.serve.engine import Engine
+    from sft_jax.serve.server import ServerThread, create_app, served_from_generator
+
+    tok, _ = prepare_tokenizer(tiny_fast_tokenizer(400), "chatml", add_tokens=True)
+    mc = ModelConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model_dir = tmp_path / "tiny-chat"
+    save_hf(str(model_dir), mc, llama.init_params(mc, jax.random.PRNGKey(0)))
+    tok.save_pretrained(str(model_dir))
+    gen = load_model_dir(str(model_dir))
+    engine = Engine(gen.params, gen.config, max_batch=4, max_len=1024, max_queue=64)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Name a {w}.", "completion": f"A {w}."}) + "\n"
+                            for w in ("fruit", "river", "tree")))
+    ev, ds, ds2 = tmp_path / "ev.jsonl", tmp_path / "ds.jsonl", tmp_path / "ds2.jsonl"
+    with ServerThread(create_app(engine.start(), [served_from_generator(gen, "tiny-chat")]), engine) as srv:
+        t = [f"--teacher={srv.url}/v1", "--teacher-model=tiny-chat", "--no-progress", "--max-tokens=16"]
+        assert cli.main(["evol-instruct", *t, f"--data={data}", "--rounds=1", f"--out={ev}"]) == 0
+        assert cli.main(["distill", *t, f"--prompts={data}", "--n=2", f"--out={ds}"]) == 0
+        with pytest.raises(cli.UsageError, match="HTTP 400"):
+            cli.main(["distill", *t, f"--prompts={data}", "--n=2", "--scorer=loglik", f"--out={ds2}"])
+    ce = _summary(ev)["counts"]
+    _accounted(ce, "evolutions")
+    assert ce["originals.accepted"] == 3 and ce["evolutions.candidates"] == 3
+    assert _summary(ev)["teacher_usage"]["completion_tokens"] > 0
+    assert len(formats.load_file(str(ev))) == len(_lines(ev))
+    cd = _summary(ds)["counts"]
+    assert cd["candidates.generated"] == 6 and cd["prompts.candidates"] == 3
+    assert cd.get("prompts.accepted", 0) + cd.get("prompts.rejected.no_score", 0) + cd.get(
+        "prompts.rejected.no_candidate", 0) == 3

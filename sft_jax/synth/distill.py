@@ -92,8 +92,8 @@ class Distill:
             if self.job.done(unit):
                 self.job.bar.update(len(chunk))
                 continue
-            before = {**self.teacher.usage.as_dict()}
-            jbefore = {**self.judge.usage.as_dict()} if self.judge is not self.teacher else {}
+            before = self.teacher.usage.as_dict()
+            jbefore = self.judge.usage.as_dict()
             counts, rows = self.step(k, chunk)
             usage = usage_delta(before, self.teacher.usage.as_dict())
             if self.judge is not self.teacher:

@@ -197,16 +197,13 @@ class SelfInstruct:
         rng.shuffle(shots)
         return shots
 
-    def _complete(self, prompts: list[str], seed: int, **kw) -> list[Completion]:
-        return self.teacher.complete(prompts, seed=seed, **kw)
-
     def iteration(self, it: int) -> tuple[Counter, list[dict], int]:
         o = self.opts
         rng = random.Random(f"self-instruct:{o.seed}:{it}")
         base_seed = (o.seed * 1_000_003 + it * 10_007) % (2 ** 31)
         c: Counter = Counter()
         prompts = [generation_prompt(self._shots(rng)) for _ in range(o.prompts_per_iteration)]
-        outs = self._complete(prompts, base_seed, max_tokens=o.max_tokens, temperature=o.temperature, top_p=o.top_p)
+        outs = self.teacher.complete(prompts, seed=base_seed, max_tokens=o.max_tokens, temperature=o.temperature, top_p=o.top_p)
         batch_pool = filters.RougeLPool(o.rouge_threshold)
         kept: list[str] = []
         room = o.num - len(self.generated)
@@ -232,7 +229,7 @@ class SelfInstruct:
             return c, [], 0
         # classification identification
         cls_prompts = [classification_prompt(ins, rng.sample(self.seeds, min(12, len(self.seeds)))) for ins in kept]
-        cls_outs = self._complete(cls_prompts, base_seed + 1, max_tokens=4, temperature=0.0)
+        cls_outs = self.teacher.complete(cls_prompts, seed=base_seed + 1, max_tokens=4, temperature=0.0)
         labels = []
         for out in cls_outs:
             v = parse_classification(out.text) if out.error is None else None
@@ -245,7 +242,7 @@ class SelfInstruct:
         for ins, cls in zip(kept, labels):
             src = self.cls_seeds if cls and self.cls_seeds else self.gen_seeds or self.seeds
             inst_prompts.append(instance_prompt(ins, rng.sample(src, min(2, len(src))), cls))
-        inst_outs = self._complete(inst_prompts, base_seed + 2, max_tokens=o.max_tokens, temperature=0.0)
+        inst_outs = self.teacher.complete(inst_prompts, seed=base_seed + 2, max_tokens=o.max_tokens, temperature=0.0)
         rows: list[dict] = []
         n_new = 0
         for ins, cls, out in zip(kept, labels, inst_outs):
