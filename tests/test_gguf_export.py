@@ -20,8 +20,8 @@ import pytest
 from sft_jax.export import export_gguf, export_merged
 from sft_jax.export import main as export_main
 from sft_jax.export import run_cli
-from sft_jax.gguf_export import (GGUFExportError, llama3_rope_factors, llama_cpp_permute, strip_generation_tags,
-                                 write_gguf)
+from sft_jax.gguf_export import (_LLAMA3_SPLIT, _QWEN2_SPLIT, GGUFExportError, llama3_rope_factors, llama_cpp_permute,
+                                 strip_generation_tags, write_gguf)
 from sft_jax.models import llama
 from sft_jax.workdir import load_run
 from test_workdir import shared_lora_run
@@ -247,6 +247,32 @@ def _llama_cpp_forward(path, ids: np.ndarray, scaled: bool = True) -> np.ndarray
             x = x + lin(g / (1 + np.exp(-g)) * lin(h, p + "ffn_up"), p + "ffn_down")
         out.append(rms(x, w["output_norm.weight"]) @ w.get("output.weight", w["token_embd.weight"]).T)
     return np.stack(out)
+
+
+@pytest.mark.parametrize("regex,name", [(_LLAMA3_SPLIT, "llama-bpe"), (_QWEN2_SPLIT, "qwen2")])
+def test_byte_level_pre_tokenizers_named_as_llama_cpp(exported, tmp_path, regex, name):
+    """Llama 3 / Qwen2 style split + byte level: llama.cpp's pre-tokenizer name, and transformers' tokenizer
+    rebuilt from the file splits text as the original does."""
+    from transformers import AutoTokenizer
+
+    out, _, _ = exported
+    d = tmp_path / name
+    shutil.copytree(out / "merged", d)
+    tj = json.load(open(d / "tokenizer.json"))
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    json.dump(tj, open(d / "tokenizer.json", "w"))
+    s = write_gguf(str(d), str(d / "m.gguf"), dtype="f16")
+    assert _fields(s.path)[1]["tokenizer.ggml.pre"] == name
+    ref, tok = AutoTokenizer.from_pretrained(d), AutoTokenizer.from_pretrained(d, gguf_file="m.gguf")
+    gpt2 = AutoTokenizer.from_pretrained(out / "merged")
+    for text in TEXTS + ("It's 2026, we'll see 1234567 things!\n\n  ok",):
+        assert tok(text).input_ids == ref(text).input_ids, text
+    split = "We'LL pay $1234567 (now)!"
+    pieces = [p for p, _ in ref.backend_tokenizer.pre_tokenizer.pre_tokenize_str(split)]
+    assert [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(split)] == pieces
+    assert pieces != [p for p, _ in gpt2.backend_tokenizer.pre_tokenizer.pre_tokenize_str(split)]
 
 
 def _tiny_hf_dir(path, tokenizer_src, model_type="llama", **kw):
