@@ -40,9 +40,12 @@ def crafted_answer(prompt: str, seed: int) -> str:
     if prompt.startswith(self_instruct.GENERATE_HEADER):
         new = [f"Explain how {' '.join(r.sample(WORDS, 3))} relates to {' '.join(r.sample(WORDS, 3))} today."
                for _ in range(3)]
-        new.append(r.choice(["Draw a picture of a lighthouse at night.", "Sum it.", "Classify the sentiment of "
-                             f"this {r.choice(WORDS)} review as positive or negative.", "- list three colours"]))
-        return " " + "\nTask 10: ".join(new[:2]) + "".join(f"\nTask {k}: {x}" for k, x in enumerate(new[2:], 11))
+        new.append(f"Classify the sentiment of this {r.choice(WORDS)} review as positive or negative.")
+        new += ["Draw a picture of a lighthouse at night.", "Sum it.", "- list three colours of the rainbow",
+                prompt.split("Task 1: ", 1)[1].split("\n", 1)[0],  # an in-context instruction again: ROUGE-L 1
+                "Write a program that sorts a list of names.", "Écris un poème sur la mer, s'il te plaît."]
+        r.shuffle(new)
+        return " " + new[0] + "".join(f"\nTask {k}: {x}" for k, x in enumerate(new[1:], 10))
     if prompt.startswith(self_instruct.CLASSIFY_HEADER):
         return " Yes" if "classify" in _last_task(prompt).lower() else " No"
     if prompt.startswith(self_instruct.OUTPUT_FIRST_HEADER):
@@ -55,9 +58,9 @@ def crafted_answer(prompt: str, seed: int) -> str:
     if "#Given Prompt#" in prompt:
         given = prompt.split("#Given Prompt#:\n", 1)[1].rsplit("\n\n#", 1)[0]
         roll = r.random()
-        if roll < 0.1:
+        if roll < 0.12:
             return "Here is the rewritten prompt based on the given prompt: " + given
-        if roll < 0.15:
+        if roll < 0.24:
             return ""
         extra = " ".join(r.sample(WORDS, 4))
         return f"#Rewritten Prompt#: {given} Also discuss {extra} and justify each step."

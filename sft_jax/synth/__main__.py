@@ -120,8 +120,12 @@ def _run(args) -> int:
             raise UsageError(f"--seed-tasks={args.seed_tasks}: {len(seeds)} tasks; Self-Instruct needs at least 8")
     else:
         rows = load_prompts(args.data if args.command == "evol-instruct" else args.prompts)  # never empty
-    vals = {k: v for k, v in vars(args).items() if k not in RUNTIME}
-    job = Job(args.out, vals, runtime={k: v for k, v in vars(args).items() if k in RUNTIME},
+    runtime = set(RUNTIME)
+    for k in ("teacher", "judge"):  # an endpoint's address may change between runs; its model name may not
+        if getattr(args, k, "").startswith(("http://", "https://")):
+            runtime.add(k)
+    vals = {k: v for k, v in vars(args).items() if k not in runtime}
+    job = Job(args.out, vals, runtime={k: v for k, v in vars(args).items() if k in runtime},
               overwrite=args.overwrite, progress=not args.no_progress,
               unit_name="instructions" if args.command != "distill" else "prompts")
     if job.resumed:
