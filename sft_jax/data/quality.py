@@ -277,40 +277,43 @@ def write_outputs(result: QualityResult, out: str) -> str:
 
 # -------------------------------------------------------------------------------- CLI
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "trainer config file (its data.* and model.* are used)")
-_DATA = flags.DEFINE_string("data", None, "data file(s)/directory (overrides data.path)")
-_FORMAT = flags.DEFINE_string("format", None, "row format (overrides data.format; default auto)")
-_MODEL = flags.DEFINE_string("model", None, "base model, a Hugging Face directory (overrides model.path); "
-                             "enables the embedding clusters, loss and IFD")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer (overrides data.tokenizer; default the model's)")
-_TEMPLATE = flags.DEFINE_string("template", None, "chat template (overrides data.template)")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "tokens per packed row (overrides data.max_length)")
-_OUT = flags.DEFINE_string("out", None, "where to write the kept rows (messages JSONL)")
-_REPORT = flags.DEFINE_string("report", None, "directory for the HTML report and its PNG plots")
-_EVAL = flags.DEFINE_list("eval", [], "eval set file(s) to decontaminate against (any trainer format, or "
-                          "rows of string fields such as question/answer)")
-_NGRAM = flags.DEFINE_integer("ngram", 13, "words per n-gram for decontamination")
-_NEAR = flags.DEFINE_float("near_threshold", 0.7, "near-duplicate Jaccard threshold (word shingles)")
-_SHINGLE = flags.DEFINE_integer("shingle", 3, "words per shingle for near duplicates")
-_KEEP = flags.DEFINE_enum("keep", "first", list(KEEP), "which member of a duplicate cluster is kept")
-_DROP = flags.DEFINE_list("drop", list(DEFAULT_DROP), f"reasons that remove a row; known: {', '.join(REASONS)}")
-_SELECT = flags.DEFINE_integer("select", 0, "keep N rows LIMA-style (0 = all that pass --drop)")
-_CLUSTERS = flags.DEFINE_integer("clusters", 0, "k-means clusters of the embeddings (0 = auto)")
-_BATCH = flags.DEFINE_integer("batch_size", None, "rows per model batch (default train.batch_size)")
-_MIN_WORDS = flags.DEFINE_integer("min_response_words", 2, "fewer words = short_response")
-_REPEAT = flags.DEFINE_float("repetition", 0.5, "repeated word-3-gram share that counts as repetition")
+def define_flags() -> None:
+    """Define the command's flags.  Called only when run as a program, so that importing this
+    module (tests, other tools) registers no absl flag (``--config`` is also the inspector's)."""
+    config_flags.DEFINE_config_file("config", None, "trainer config file (its data.* and model.* are used)")
+    flags.DEFINE_string("data", None, "data file(s)/directory (overrides data.path)")
+    flags.DEFINE_string("format", None, "row format (overrides data.format; default auto)")
+    flags.DEFINE_string("model", None, "base model, a Hugging Face directory (overrides model.path); "
+                        "enables the embedding clusters, loss and IFD")
+    flags.DEFINE_string("tokenizer", None, "tokenizer (overrides data.tokenizer; default the model's)")
+    flags.DEFINE_string("template", None, "chat template (overrides data.template)")
+    flags.DEFINE_integer("max_length", None, "tokens per packed row (overrides data.max_length)")
+    flags.DEFINE_string("out", None, "where to write the kept rows (messages JSONL)")
+    flags.DEFINE_string("report", None, "directory for the HTML report and its PNG plots")
+    flags.DEFINE_list("eval", [], "eval set file(s) to decontaminate against (any trainer format, or "
+                      "rows of string fields such as question/answer)")
+    flags.DEFINE_integer("ngram", 13, "words per n-gram for decontamination")
+    flags.DEFINE_float("near_threshold", 0.7, "near-duplicate Jaccard threshold (word shingles)")
+    flags.DEFINE_integer("shingle", 3, "words per shingle for near duplicates")
+    flags.DEFINE_enum("keep", "first", list(KEEP), "which member of a duplicate cluster is kept")
+    flags.DEFINE_list("drop", list(DEFAULT_DROP), f"reasons that remove a row; known: {', '.join(REASONS)}")
+    flags.DEFINE_integer("select", 0, "keep N rows LIMA-style (0 = all that pass --drop)")
+    flags.DEFINE_integer("clusters", 0, "k-means clusters of the embeddings (0 = auto)")
+    flags.DEFINE_integer("batch_size", None, "rows per model batch (default train.batch_size)")
+    flags.DEFINE_integer("min_response_words", 2, "fewer words = short_response")
+    flags.DEFINE_float("repetition", 0.5, "repeated word-3-gram share that counts as repetition")
 
 
-def config_from_flags():
+def config_from_flags(f=flags.FLAGS):
     """The trainer's config (``--config`` or the defaults) with this command's overrides."""
-    cfg = _CONFIG.value if _CONFIG.value is not None else default_config()
-    for value, field in ((_DATA.value, "path"), (_FORMAT.value, "format"), (_TOKENIZER.value, "tokenizer"),
-                         (_TEMPLATE.value, "template"), (_MAX_LENGTH.value, "max_length")):
+    cfg = f.config if f.config is not None else default_config()
+    for value, field in ((f.data, "path"), (f.format, "format"), (f.tokenizer, "tokenizer"),
+                         (f.template, "template"), (f.max_length, "max_length")):
         if value is not None:
             cfg.data[field] = value
-    if _MODEL.value is not None:
+    if f.model is not None:
         cfg.model.init = "pretrained"
-        cfg.model.path = _MODEL.value
+        cfg.model.path = f.model
     validate(cfg)
     if not cfg.data.path:
         raise QualityError("no data: pass --data=FILE or a --config with data.path")
@@ -354,14 +357,15 @@ def run(cfg, opts: QualityOptions, *, out: str | None = None, report: str | None
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
     try:
-        cfg = config_from_flags()
+        cfg = config_from_flags(f)
         opts = QualityOptions(
-            near_threshold=_NEAR.value, shingle=_SHINGLE.value, keep=_KEEP.value, eval_paths=tuple(_EVAL.value),
-            ngram=_NGRAM.value, drop=tuple(_DROP.value), select=_SELECT.value, clusters=_CLUSTERS.value,
-            batch_size=_BATCH.value or cfg.train.batch_size, seed=cfg.train.seed,
-            noise=NoiseOptions(min_response_words=_MIN_WORDS.value, repetition_threshold=_REPEAT.value))
-        result = run(cfg, opts, out=_OUT.value, report=_REPORT.value)
+            near_threshold=f.near_threshold, shingle=f.shingle, keep=f.keep, eval_paths=tuple(f.eval),
+            ngram=f.ngram, drop=tuple(f.drop), select=f.select, clusters=f.clusters,
+            batch_size=f.batch_size or cfg.train.batch_size, seed=cfg.train.seed,
+            noise=NoiseOptions(min_response_words=f.min_response_words, repetition_threshold=f.repetition))
+        result = run(cfg, opts, out=f.out, report=f.report)
     except (QualityError, ConfigError, DataError) as e:
         print(f"sft_jax.data.quality: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -369,4 +373,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

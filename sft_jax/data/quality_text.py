@@ -174,13 +174,18 @@ def find_duplicates(records: list[dict], *, threshold: float = 0.7, shingle: int
 
 # ----------------------------------------------------------------------------- noise
 
+_CAPABILITY = (r"(?:help|assist|provide|answer|fulfill|comply|create|generate|access|browse|display|give|perform|"
+               r"retrieve|estimate|determine|complete|write|draw|show|see|predict|do that|do this)\b")
 REFUSAL_PATTERNS = (
     r"\bas an ai(?: language)? model\b",
     r"\bas an ai assistant\b",
     r"\bas an ai,? i (?:am not|cannot|can't|do not|don't)\b",
     r"\bas a (?:large )?language model\b",
-    r"\bi(?:'m| am) (?:sorry|afraid),? but (?:i|as an ai)\b[^.]{0,40}\b(?:can(?:not|'t)|unable|not able)\b",
-    r"\bi(?:'m| am) (?:sorry|afraid),? (?:i|but i) (?:can(?:not|'t)|am unable to|'m unable to)\b",
+    # "I'm sorry, but I cannot <do what an assistant does>" (not "I'm sorry, but I'm unable to come
+    # into work today" in a requested sick-day email, nor HAL's "I'm afraid I can't let you do that")
+    r"\bi(?:'m| am) (?:sorry|afraid),? but (?:i|as an ai)\b[^.]{0,40}\b(?:can(?:not|'t)|unable to|not able to) "
+    + _CAPABILITY,
+    r"\bi(?:'m| am) (?:sorry|afraid),? (?:i|but i) (?:can(?:not|'t)|am unable to|'m unable to) " + _CAPABILITY,
     r"\bi can(?:not|'t) (?:fulfill|comply with|assist with|help with) (?:that|this|your) request\b",
     r"\bi(?:'m| am) not able to (?:provide|assist|help|fulfill)\b",
     r"\bi do not have (?:personal )?(?:opinions|feelings|the ability to)\b",
@@ -189,7 +194,7 @@ _REFUSAL_RE = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
 # a line that opens or closes a fenced block: starts with ``` / ~~~ and has no second fence
 # on the same line (LIMA writes inline code as ```x```, which is not a block)
 _FENCE_RE = re.compile(r"^[ \t]*(```|~~~)(?:(?!```|~~~).)*$", re.MULTILINE)
-_LIST_LINE_RE = re.compile(r"^\s*(?:[-*+•]|\d+[.)]|#+|\|)\s*")
+_LIST_LINE_RE = re.compile(r"^\s*(?:[-*+•>]|\d+[.)]|#+|\|)\s*")  # list item, quote, heading, table row
 _URL_END_RE = re.compile(r"(?:https?://|www\.)\S+$")
 
 
@@ -214,8 +219,8 @@ def is_truncated(text: str, min_words: int = 12) -> bool:
         # closing punctuation, a name / title / citation, a number, a hashtag: complete
         return False
     lines = [ln.strip() for ln in stripped.split("\n") if ln.strip()]
-    open_lines = sum(1 for ln in lines if ln[-1].isalnum())
-    if len(lines) >= 4 and open_lines / len(lines) >= 0.5:  # verse: lines end without punctuation
+    open_lines = sum(1 for ln in lines if ln[-1].isalnum() or ln[-1] == ",")
+    if len(lines) >= 4 and open_lines / len(lines) >= 0.5:  # verse: lines end on a word or a comma
         return False
     # a short label line after a full sentence ("Answer: paris") is complete
     return len(normalise_words(last_line)) >= 6
