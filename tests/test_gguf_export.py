@@ -388,7 +388,8 @@ def test_bad_input_errors(exported, tmp_path, capsys):
 @pytest.mark.slow
 def test_stories260k_finetuned_gguf_loads_in_transformers(shared_dir, tmp_path):
     """Acceptance: stories260K converted, fine-tuned (LoRA, a few steps, chatml tokens added) with
-    `python -m sft_jax.train`, exported with `python -m sft_jax.export --format=gguf` -> transformers
+    `python -m sft_jax.train`, exported with `python -m sft_jax.export --format=gguf` (q8_0; f16 and the
+    merged reference in-process) -> transformers
     loads the GGUF with the merged export's logits and the training tokenizer's ids."""
     from transformers import AutoTokenizer
 
@@ -409,12 +410,13 @@ def test_stories260k_finetuned_gguf_loads_in_transformers(shared_dir, tmp_path):
              "--config.eval.max_batches=1"]
     p = subprocess.run(train, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    for fmt, dt in (("merged", "float32"), ("gguf", "f16"), ("gguf", "q8_0")):
-        p = subprocess.run([sys.executable, "-m", "sft_jax.export", f"--workdir={wd}", f"--out={tmp_path / fmt}",
-                            f"--format={fmt}", f"--dtype={dt}"], cwd=repo, env=env, capture_output=True, text=True,
-                           timeout=600)
-        assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-m", "sft_jax.export", f"--workdir={wd}", f"--out={tmp_path / 'gguf'}",
+                        "--format=gguf", "--dtype=q8_0"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
     assert "F16 (rows not a multiple of 32): blk.0.ffn_down.weight" in p.stdout  # stories260K's 172-wide MLP
+    run = load_run(wd, param_dtype="float32", dtype="float32", load_tokenizer=True)
+    export_merged(run, str(tmp_path / "merged"), dtype="float32")
+    export_gguf(run, str(tmp_path / "gguf"), dtype="f16")
 
     _, f = _fields(str(tmp_path / "gguf" / "model-f16.gguf"))
     assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.tokens"][512:] == ["<|im_start|>", "<|im_end|>"]
