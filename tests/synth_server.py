@@ -157,7 +157,7 @@ class CraftedTeacher(_Server):
 
 
 class ScriptedServer(_Server):
-    """Pops one behaviour per request from `script` ("429", "500", "401", "timeout", "badjson",
+    """Pops one behaviour per request from `script` ("400", "401", "429", "500", "503", "timeout", "badjson",
     "nocontent", "ok"); "ok" once the script is empty."""
 
     def __init__(self, script: list[str], sleep: float = 1.5):
@@ -168,7 +168,7 @@ class ScriptedServer(_Server):
     def respond(self, h: _Handler, path: str, req: dict) -> None:
         with self.lock:
             what = self.script.pop(0) if self.script else "ok"
-        if what in ("429", "500", "401", "503"):
+        if what in ("400", "401", "429", "500", "503"):
             h._send(int(what), {"error": {"message": f"scripted {what}", "type": "x"}},
                     {"Retry-After": "0"} if what == "429" else None)
         elif what == "timeout":

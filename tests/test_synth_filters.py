@@ -4,6 +4,7 @@ the elimination rules and the teacher-output parsers on crafted outputs."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 from rouge_score import rouge_scorer
@@ -156,3 +157,32 @@ def test_parse_judge_score_and_ranking():
     assert max([a, b, c], key=lambda x: distill.rank_key(x, "both")) is b
     assert max([a, b, c], key=lambda x: distill.rank_key(x, "loglik")) is c
     assert max([c, a, b], key=lambda x: distill.rank_key(x, "judge")) is a  # the first of equal scores
+
+
+def test_instances_filters_and_global_pair_duplicates(tmp_path):
+    from sft_jax.synth.inputs import SeedTask
+    from sft_jax.synth.jobs import Job
+    from sft_jax.synth.teachers import Completion
+
+    seeds = [SeedTask(f"Seed task number {k} here.", (("", "out"),), k % 2 == 0) for k in range(8)]
+    si = self_instruct.SelfInstruct(None, seeds, self_instruct.Options(num=3, max_instances=2),
+                                    Job(str(tmp_path / "o.jsonl"), {}, progress=False))
+    c = Counter()
+    text = ("Example 1\nInput: a\nOutput: x\nExample 2\nInput: a\nOutput: y\nExample 3\nOutput: \n"
+            "Example 4\nInput: a\nOutput: x\nExample 5\nOutput: z\nExample 6\nOutput: w")
+    got = si._instances("Task one.", False, Completion(text), c)
+    assert got == [("a", "x"), ("", "z")]
+    assert c == Counter({"instances.candidates": 6, "instances.accepted": 2, "instances.rejected.empty_output": 1,
+                         "instances.rejected.same_input_other_output": 1, "instances.rejected.duplicate_pair": 1,
+                         "instances.rejected.over_max_instances": 1})
+    si.pairs.update(got)
+    c2 = Counter()
+    assert si._instances("Task two.", False, Completion("Example 1\nInput: a\nOutput: x"), c2) == []
+    assert c2["instances.rejected.duplicate_pair"] == 1
+    c3 = Counter()
+    assert si._instances("Task three.", False, Completion("Example 1\nInput: dangling"), c3) == []
+    assert c3 == Counter({"instances.candidates": 1, "instances.rejected.unreadable": 1})
+    cut = Counter()
+    assert si._instances("T.", False, Completion("Output: p\nExample 2\nOutput: q", finish_reason="length"),
+                         cut) == [("", "p")]
+    assert cut["instances.rejected.cut_by_length"] == 1

@@ -40,6 +40,13 @@ def test_persistent_failure_is_a_counted_error_and_a_dead_batch_raises():
             t.complete(["three"], max_tokens=8)
 
 
+def test_a_refused_request_fails_alone_without_retries():
+    with serving(ScriptedServer(["400"])) as s:
+        t = _teacher(s.url, concurrency=1, max_retries=5)
+        a, b = t.complete(["too long", "fine"], max_tokens=8)
+    assert a.error.startswith("HTTP 400") and b.text == "answer: fine" and len(s.requests) == 2
+
+
 def test_client_errors_stop_at_once():
     with serving(ScriptedServer(["401"])) as s:
         t = _teacher(s.url, max_retries=5)

@@ -13,8 +13,8 @@ One iteration (one committed unit of the job):
 3. Classification-task identification (few-shot, from the seeds' labels; an unreadable answer counts
    as not classification and is counted).
 4. Instance generation: input-first for other tasks, output-first (class label, then input) for
-   classification; the instances are parsed and filtered (empty output, the same input with
-   different outputs, an exact duplicate of an input/output pair already written).
+   classification; the instances are parsed and filtered (empty output, the same non-empty input
+   with different outputs, an exact duplicate of an input/output pair already written, for any instruction).
 5. An instruction with at least one instance is accepted and joins the pool.
 
 The loop stops when `num` instructions are accepted or after `max_iterations` iterations.  The prompt
@@ -165,13 +165,13 @@ class SelfInstruct:
         self.teacher, self.seeds, self.opts, self.job = teacher, seeds, opts, job
         self.pool = filters.RougeLPool(opts.rouge_threshold, [t.instruction for t in seeds])
         self.generated: list[str] = []
-        self.pairs: set[tuple[str, str, str]] = set()
+        self.pairs: set[tuple[str, str]] = set()  # every (input, output) written
         for row in job.rows():  # resume: the state is the rows already written
             meta = row["synth"]
             if not self.generated or self.generated[-1] != meta["instruction"]:
                 self.generated.append(meta["instruction"])
                 self.pool.add(meta["instruction"])
-            self.pairs.add((meta["instruction"], meta["input"], meta["output"]))
+            self.pairs.add((meta["input"], meta["output"]))
         self.cls_seeds = [t for t in seeds if t.is_classification]
         self.gen_seeds = [t for t in seeds if not t.is_classification]
 
@@ -203,7 +203,8 @@ class SelfInstruct:
         base_seed = (o.seed * 1_000_003 + it * 10_007) % (2 ** 31)
         c: Counter = Counter()
         prompts = [generation_prompt(self._shots(rng)) for _ in range(o.prompts_per_iteration)]
-        outs = self.teacher.complete(prompts, seed=base_seed, max_tokens=o.max_tokens, temperature=o.temperature, top_p=o.top_p)
+        outs = self.teacher.complete(prompts, seed=base_seed, max_tokens=o.max_tokens, temperature=o.temperature,
+                                     top_p=o.top_p)
         batch_pool = filters.RougeLPool(o.rouge_threshold)
         kept: list[str] = []
         room = o.num - len(self.generated)
@@ -242,7 +243,8 @@ class SelfInstruct:
         for ins, cls in zip(kept, labels):
             src = self.cls_seeds if cls and self.cls_seeds else self.gen_seeds or self.seeds
             inst_prompts.append(instance_prompt(ins, rng.sample(src, min(2, len(src))), cls))
-        inst_outs = self.teacher.complete(inst_prompts, seed=base_seed + 2, max_tokens=o.max_tokens, temperature=0.0)
+        inst_outs = self.teacher.complete(inst_prompts, seed=base_seed + 2, max_tokens=o.max_tokens,
+                                          temperature=0.0)
         rows: list[dict] = []
         n_new = 0
         for ins, cls, out in zip(kept, labels, inst_outs):
@@ -259,7 +261,7 @@ class SelfInstruct:
             self.generated.append(ins)
             self.pool.add(ins)
             for inp, output in got:
-                self.pairs.add((ins, inp, output))
+                self.pairs.add((inp, output))
                 meta = {"method": "self-instruct", "iteration": it, "is_classification": cls, "instruction": ins,
                         "input": inp, "output": output}
                 rows.append(to_row(ins, output, o.format, meta, input_text=inp))
@@ -267,7 +269,8 @@ class SelfInstruct:
 
     def _instances(self, ins: str, cls: bool, out: Completion, c: Counter) -> list[tuple[str, str]]:
         parsed = parse_instances(out.text, cls)
-        if parsed is None:
+        if parsed is None:  # the answer counts as one candidate
+            c["instances.candidates"] += 1
             c["instances.rejected.unreadable"] += 1
             return []
         c["instances.candidates"] += len(parsed)
@@ -279,9 +282,9 @@ class SelfInstruct:
         for inp, output in parsed:
             if not output.strip():
                 why = "empty_output"
-            elif (ins, inp, output) in self.pairs or (inp, output) in got:
+            elif (inp, output) in self.pairs or (inp, output) in got:
                 why = "duplicate_pair"
-            elif not cls and outputs_by_input.get(inp, output) != output:
+            elif not cls and inp and outputs_by_input.get(inp, output) != output:  # no input: outputs may vary
                 why = "same_input_other_output"
             elif len(got) >= self.opts.max_instances:
                 why = "over_max_instances"

@@ -8,7 +8,8 @@ log-likelihood scorer, gives the summed log-probability of a given continuation 
   `echo=True, logprobs=0` for `loglik` (vLLM and the OpenAI-compatible servers that implement
   echo).  Requests run on a bounded thread pool (`concurrency`); 429, 5xx, timeouts, dropped
   connections and unreadable response bodies are retried with exponential backoff (honouring a
-  `Retry-After` header); other 4xx errors (bad key, unknown model) stop the job at once.
+  `Retry-After` header); 400 / 413 / 422 fail that request only (a prompt over the context, say);
+  other 4xx errors (bad key, unknown model) stop the job at once.
   A request that still fails after the retries comes back as a `Completion` with `error` set,
   which the methods count as a rejection; a batch in which every request failed raises
   `TeacherError` (the job stops, uncommitted, and resumes later).
@@ -24,6 +25,7 @@ Both keep a token count (`usage`).
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import dataclasses
 import os
@@ -36,6 +38,7 @@ import numpy as np
 import openai
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+REQUEST_STATUS = frozenset({400, 413, 422})  # this request is refused (e.g. too long): counted, not retried
 
 
 class TeacherError(RuntimeError):
@@ -64,8 +67,8 @@ class Usage:
         return dataclasses.asdict(self)
 
 
-class Teacher:
-    """The interface the methods use."""
+class Teacher(abc.ABC):
+    """The interface the methods use, and the shared usage counters."""
 
     name = "teacher"
 
@@ -73,13 +76,14 @@ class Teacher:
         self.usage = Usage()
         self._lock = threading.Lock()
 
+    @abc.abstractmethod
     def complete(self, prompts: Sequence[str], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> list[Completion]:
-        raise NotImplementedError
+        """One completion per prompt, in order (request `k` sampled with seed `seed + k` where supported)."""
 
+    @abc.abstractmethod
     def loglik(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
         """[(sum of log p(continuation tokens | prompt), number of continuation tokens)]."""
-        raise NotImplementedError
 
     def _count(self, c: Completion, retries: int) -> None:
         with self._lock:
@@ -137,6 +141,8 @@ class OpenAITeacher(Teacher):
             try:
                 return fn(), None, attempt
             except openai.APIStatusError as e:
+                if e.status_code in REQUEST_STATUS:
+                    return None, f"HTTP {e.status_code}: {e.message}", attempt
                 if e.status_code < 500 and e.status_code not in RETRYABLE_STATUS:
                     raise TeacherError(f"{self.name}: HTTP {e.status_code}: {e.message}") from None
                 err: Exception = e
@@ -178,7 +184,7 @@ class OpenAITeacher(Teacher):
         check_batch(prompts, outs, self.name)
         return outs
 
-    def _loglik_one(self, pair: tuple[str, str]) -> tuple[float, int] | None:
+    def _loglik_one(self, pair: tuple[str, str]) -> tuple[tuple[float, int] | None, str | None]:
         prompt, cont = pair
         full = prompt + cont
 
@@ -197,13 +203,14 @@ class OpenAITeacher(Teacher):
 
         out, err, retries = self._call(request)
         self._count(Completion(text="", error=err), retries)
-        return out
+        return out, err
 
     def loglik(self, pairs):
         outs = self._map(self._loglik_one, list(pairs))
-        if outs and all(o is None for o in outs):
-            raise TeacherError(f"{self.name}: every log-likelihood request of a batch failed")
-        return [o if o is not None else (float("nan"), 0) for o in outs]
+        if outs and all(o is None for o, _ in outs):
+            raise TeacherError(f"{self.name}: every log-likelihood request of a batch failed; last error: "
+                               f"{outs[-1][1]} (the scorer needs /v1/completions with echo and logprobs)")
+        return [o if o is not None else (float("nan"), 0) for o, _ in outs]
 
 
 # ---------------------------------------------------------------------------- in process
