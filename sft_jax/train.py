@@ -180,7 +180,30 @@ def _generation_report(gen: _GenSetup, texts: list[str], show: int) -> tuple[dic
 
 # ------------------------------------------------------------------ the run
 def run(cfg, workdir: str | os.PathLike) -> dict:
-    """Train according to `cfg` in `workdir`; returns a summary dict (final metrics)."""
+    """Train according to `cfg` in `workdir`; returns a summary dict (final metrics).
+
+    The work directory is locked for the whole run (`sft_jax.workdir_lock`, taken by process 0;
+    every process agrees on the outcome): a second run on it raises `WorkdirLocked`."""
+    from sft_jax import distributed
+    from sft_jax.workdir_lock import WorkdirLock, WorkdirLocked
+
+    lock, refusal = None, ""
+    if distributed.is_main():
+        try:
+            lock = WorkdirLock(workdir)
+        except WorkdirLocked as e:
+            refusal = str(e)
+    if distributed.agree_any(bool(refusal)):
+        raise WorkdirLocked(refusal or f"process 0 could not lock the work directory {workdir}")
+    try:
+        return _run(cfg, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg, workdir: str | os.PathLike) -> dict:
+    """The training run itself (`run` holds the work directory's lock around it)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -509,6 +532,7 @@ def main(argv=None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         from sft_jax import distributed
         from sft_jax.config import ConfigError
+        from sft_jax.workdir_lock import WorkdirLocked
 
         cfg = FLAGS.config
         if cfg is None:
@@ -518,7 +542,7 @@ def main(argv=None) -> int:
         try:
             distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             summary = run(cfg, workdir)
-        except (ConfigError, TrainError) as e:
+        except (ConfigError, TrainError, WorkdirLocked) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2 if isinstance(e, ConfigError) else 1
         except Exception as e:
