@@ -16,9 +16,12 @@ import sys
 import numpy as np
 import pytest
 
+import matplotlib.image
+
 from sft_jax.config import default_config
-from sft_jax.data import quality, quality_model, quality_text
+from sft_jax.data import formats, quality, quality_model, quality_text
 from sft_jax.data.testing import CORPUS, tiny_fast_tokenizer, write_jsonl
+from sft_jax.models.llama2c import convert_llama2c
 
 WORDS = sorted({w.strip(".,!?").lower() for w in CORPUS.split()} - {"i"})
 VERBS = ["describe", "explain", "write", "list", "summarize", "compare", "tell", "give", "name", "create"]
@@ -91,8 +94,6 @@ def planted_dataset():
 def _records(tmp_path, rows):
     path = tmp_path / "data.json"
     path.write_text(json.dumps(rows, indent=1))
-    from sft_jax.data import formats
-
     return str(path), formats.load_conversations(str(path))
 
 
@@ -153,8 +154,6 @@ def test_tool_call_rows_are_kept_whole(tmp_path):
         {"role": "tool", "content": "sunny, 21 C"},
         {"role": "assistant", "content": "It is sunny and 21 degrees in Paris today."}]}
     path = write_jsonl(str(tmp_path / "tools.jsonl"), [row])
-    from sft_jax.data import formats
-
     records = formats.load_conversations(path)
     result = quality.analyse(records, quality.QualityOptions())
     assert result.reasons == [{}] and result.kept == [0]
@@ -284,8 +283,6 @@ def test_outputs_have_a_reason_for_every_row(scored):
                 assert reason in by_row[i]["reasons"] and by_row[i]["source"] == result.records[i]["source"]
     assert {r["quality"]["row"] for r in kept} == set(result.kept)
     # the clean file is read back by the trainer's reader
-    from sft_jax.data import formats
-
     assert len(formats.load_conversations(str(tmp / "clean.jsonl"))) == len(kept)
 
 
@@ -325,8 +322,6 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run(args + [f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri()],
                    capture_output=True, text=True, timeout=120)
-    import matplotlib.image
-
     pixels = matplotlib.image.imread(str(shot))
     assert pixels.shape[:2] == (2400, 1200)
     assert pixels[..., :3].std() > 0.05  # not a blank page
@@ -351,8 +346,6 @@ def test_cli_errors_are_one_line(tmp_path, repo_dir):
 def test_cli_on_alpaca_demo_then_train_on_clean_file(tmp_path, shared_dir, repo_dir):
     """The acceptance run: alpaca_en_demo.json + stories260K -> clean file + report; the trainer
     then trains on the clean file."""
-    from sft_jax.models.llama2c import convert_llama2c
-
     base = tmp_path / "stories260K"
     convert_llama2c(str(shared_dir / "assets/stories260K/stories260K.bin"),
                     str(shared_dir / "assets/stories260K/tok512.model"), str(base))

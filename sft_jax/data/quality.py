@@ -35,7 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sft_jax.config import ConfigError, default_config, validate
-from sft_jax.data import formats, quality_text, templates
+from sft_jax.data import formats, pipeline, quality_model, quality_report, quality_text, templates
 from sft_jax.data.formats import DataError
 from sft_jax.data.quality_text import NOISE_REASONS, NoiseOptions
 
@@ -213,9 +213,9 @@ def analyse(records: list[dict], opts: QualityOptions, *, tokenizer=None, templa
     result = QualityResult(records=records, reasons=reasons, clusters=[], keepers={},
                            task=quality_text.task_mix(records), kept=[], kept_why={}, removed=[],
                            model_path=model_path, options=opts)
+    if model_path and tokenizer is None:
+        raise QualityError("the model stages need the model's tokenizer (data.tokenizer or model.path)")
     if tokenizer is not None:
-        from sft_jax.data import quality_model
-
         cfg = cfg if cfg is not None else default_config()
         tok = [quality_model.tokenize(tokenizer, template, r, cfg.data.train_on) for r in records]
         result.tokens = np.asarray([len(t.ids) for t in tok], np.int64)
@@ -324,8 +324,6 @@ def load_tokenizer(cfg):
     """The trainer's tokenizer and template, or (None, "") when neither data.tokenizer nor
     model.path is set.  Template markers the vocabulary lacks are NOT added (the base
     model has no rows for them): they tokenize as text."""
-    from sft_jax.data import pipeline
-
     path = cfg.data.tokenizer or (cfg.model.path if cfg.model.init == "pretrained" else "")
     if not path:
         return None, ""
@@ -348,8 +346,6 @@ def run(cfg, opts: QualityOptions, *, out: str | None = None, report: str | None
     if out:
         write_outputs(result, out)
     if report:
-        from sft_jax.data import quality_report
-
         quality_report.write_report(result, report)
     return result
 
