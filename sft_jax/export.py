@@ -14,6 +14,10 @@
   export (float32, in a temporary directory) converted by `sft_jax.gguf_export.write_gguf`, with the
   tokenizer, special tokens and chat template in its metadata (default dtype f16).
 
+Every format is written into a staging directory beside --out and renamed into place when
+complete (`sft_jax.staged_dir`; files 0644): a non-empty --out is refused unless --overwrite, which
+replaces it whole (no file of an earlier export survives); an interrupted export leaves --out as it was.
+
 Bad arguments (missing workdir, unknown step or format, ...) print one line on stderr, exit 2.
 """
 
@@ -25,6 +29,8 @@ import os
 import shutil
 import sys
 import tempfile
+
+from sft_jax.staged_dir import TargetExistsError, check_target, staged_dir
 
 FORMATS = ("merged", "peft", "gguf")
 DTYPES = ("float32", "bfloat16")
@@ -46,7 +52,8 @@ def run_cli(main_fn, argv, prog: str) -> int:
     from sft_jax.peft_io import PeftFormatError
     from sft_jax.workdir import WorkdirError
 
-    known: tuple = (UsageError, WorkdirError, PeftFormatError, FileNotFoundError, NotADirectoryError)
+    known: tuple = (UsageError, WorkdirError, PeftFormatError, TargetExistsError, FileNotFoundError,
+                    NotADirectoryError)
     try:
         return int(main_fn(argv) or 0)
     except Exception as e:  # noqa: BLE001 - only the known kinds are reported as one line
@@ -66,7 +73,8 @@ def _parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog="python -m sft_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="training work directory (run.json, checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (must be empty or new, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.add_argument("--format", required=True, help="merged | peft | gguf")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the run's model.param_dtype); "
                    "gguf: f16 | bf16 | q8_0 | f32 (default f16)")
@@ -139,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = DTYPES
     if args.dtype is not None and args.dtype not in dtypes:
         raise UsageError(f"--dtype={args.dtype!r} is not one of {', '.join(dtypes)} (--format={args.format})")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out: {args.out} exists and is not a directory")
+    check_target(args.out, args.overwrite)
     if args.max_shard_mb <= 0:
         raise UsageError("--max_shard_mb must be > 0")
     from sft_jax.workdir import check_workdir
@@ -154,19 +161,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # Merge in float32 whatever the training param dtype was; cast once when writing.
     run = load_run(args.workdir, step, param_dtype="float32", dtype="float32", load_tokenizer=True)
-    if args.format == "merged":
-        files = export_merged(run, args.out, dtype=dtype, max_shard_bytes=int(args.max_shard_mb * 2**20))
-        print(f"wrote merged {run.model_config.model_type} model of step {run.step} to {args.out} "
-              f"({len(files)} safetensors file(s), {dtype}, eos_token_id={run.eos_ids})")
-    elif args.format == "gguf":
-        s = export_gguf(run, args.out, dtype=dtype)
-        fallback = f"; F16 (rows not a multiple of 32): {', '.join(s.f16_fallback)}" if s.f16_fallback else ""
-        print(f"wrote GGUF ({s.arch}, {s.tokenizer_model} vocab of {s.n_tokens}) of step {run.step} to {s.path} "
-              f"({dtype}{fallback})")
-    else:
-        modules = export_peft(run, args.out, dtype=dtype)
-        print(f"wrote peft LoRA adapter of step {run.step} to {args.out} (r={run.lora_cfg.rank}, "
-              f"alpha={run.lora_cfg.alpha}, rslora={run.lora_cfg.rslora}, {len(modules)} modules, {dtype})")
+    with staged_dir(args.out, overwrite=args.overwrite) as tmp:
+        if args.format == "merged":
+            files = export_merged(run, tmp, dtype=dtype, max_shard_bytes=int(args.max_shard_mb * 2**20))
+            done = (f"wrote merged {run.model_config.model_type} model of step {run.step} to {args.out} "
+                    f"({len(files)} safetensors file(s), {dtype}, eos_token_id={run.eos_ids})")
+        elif args.format == "gguf":
+            s = export_gguf(run, tmp, dtype=dtype)
+            fallback = f"; F16 (rows not a multiple of 32): {', '.join(s.f16_fallback)}" if s.f16_fallback else ""
+            done = (f"wrote GGUF ({s.arch}, {s.tokenizer_model} vocab of {s.n_tokens}) of step {run.step} to "
+                    f"{os.path.join(args.out, os.path.basename(s.path))} ({dtype}{fallback})")
+        else:
+            modules = export_peft(run, tmp, dtype=dtype)
+            done = (f"wrote peft LoRA adapter of step {run.step} to {args.out} (r={run.lora_cfg.rank}, "
+                    f"alpha={run.lora_cfg.alpha}, rslora={run.lora_cfg.rslora}, {len(modules)} modules, {dtype})")
+    print(done)
     return 0
 
 
