@@ -5,6 +5,7 @@ with stories260K and the trainer trains on its clean file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -284,6 +285,21 @@ def test_outputs_have_a_reason_for_every_row(scored):
     assert {r["quality"]["row"] for r in kept} == set(result.kept)
     # the clean file is read back by the trainer's reader
     assert len(formats.load_conversations(str(tmp / "clean.jsonl"))) == len(kept)
+
+
+def test_keep_best_keeps_the_best_scored_copy(scored):
+    result, _, _, _, _ = scored
+    best = dataclasses.replace(
+        result, keepers={}, options=dataclasses.replace(result.options, keep="best"),
+        reasons=[{k: v for k, v in rs.items() if not k.endswith("_duplicate")} for rs in result.reasons])
+    quality._dedup(best, best.options)
+    score = quality.selection_scores(best)
+    assert len(best.keepers) == len(best.clusters) == 2
+    for ci, c in enumerate(best.clusters):
+        keeper = best.keepers[ci]
+        assert score[keeper] == max(score[i] for i in c.members)
+        for i in c.members:
+            assert (i == keeper) != any(k.endswith("_duplicate") for k in best.reasons[i])
 
 
 def test_select_round_robin_over_clusters(scored):
