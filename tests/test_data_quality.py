@@ -176,6 +176,7 @@ def test_text_helpers():
     assert quality_text.language_matches("猫在桌子上睡觉，太阳很暖和。今天天气很好。", "chinese") is True
     assert not quality_text.is_truncated("Inline ```code``` and a full sentence that ends properly with a period here.")
     assert not quality_text.is_truncated("A quote from a book that is long enough to count as prose here -C.S. Lewis")
+    assert quality_text.normalise_words("Don't STOP, 我的家乡!") == ["don't", "stop", "我", "的", "家", "乡"]
     e = quality_text.entropy(np.array([10.0, 10.0, 10.0, 10.0]))
     assert abs(e["nats"] - np.log(4)) < 1e-9 and abs(e["effective"] - 4) < 1e-9 and abs(e["normalised"] - 1) < 1e-9
 

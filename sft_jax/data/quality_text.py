@@ -29,11 +29,13 @@ from datasketch import MinHash, MinHashLSH
 from sft_jax.data import formats
 from sft_jax.data.formats import DataError
 
-_WORD_RE = re.compile(r"\w+(?:'\w+)?")
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"  # kana and Han: written without spaces, one word a character
+_WORD_RE = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+(?:'[^\W{_CJK}]+)?")
 
 
 def normalise_words(text: str) -> list[str]:
-    """NFKC, lower case, words only (punctuation and whitespace differences vanish)."""
+    """NFKC, lower case, words only (punctuation and whitespace differences vanish); each
+    Chinese / Japanese character counts as a word."""
     return _WORD_RE.findall(unicodedata.normalize("NFKC", text).lower())
 
 
