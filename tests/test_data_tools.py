@@ -111,6 +111,17 @@ def test_trained_tool_call_text_parses_back(base_tok, name):
     assert templates.parse_tool_calls("It is sunny.", name) == []
 
 
+def test_generate_tools_file(tmp_path):
+    from sft_jax.export import UsageError
+    from sft_jax.generate import _read_tools
+
+    (tmp_path / "tools.json").write_text(json.dumps([TOOLS[0]["function"]]))
+    assert _read_tools(str(tmp_path / "tools.json")) == TOOLS
+    (tmp_path / "bad.json").write_text('[{"type": "function"}]')
+    with pytest.raises(UsageError, match="bad.json.*must be a function schema"):
+        _read_tools(str(tmp_path / "bad.json"))
+
+
 @pytest.mark.parametrize("name,stem", [(n, s) for n, s, _ in FAMILIES])
 def test_plain_conversations_render_as_published(base_tok, name, stem):
     tok, pub = _tok(base_tok, name), _published(stem)

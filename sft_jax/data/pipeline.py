@@ -294,7 +294,7 @@ def _load(entry: str, cfg_data) -> list:
     if not cfg_data.streaming:
         return formats.load_conversations(entry, cfg_data.format, cfg_data.system_prompt,
                                           columns=cfg_data.columns, reasoning=cfg_data.reasoning)
-    return _Concat(_readers(entry, cfg_data, cache_blocks=max(4, 2 * cfg_data.shuffle_window)))
+    return _Concat(_readers(entry, cfg_data, cache_blocks=cfg_data.shuffle_window + 1))  # one window (+1 spare)
 
 
 def _select(records, indices: np.ndarray | None):

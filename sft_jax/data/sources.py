@@ -6,11 +6,13 @@ together; the streaming shuffle permutes blocks and shuffles rows within a windo
 them).  Kinds, chosen from the entry:
 
 - ``*.jsonl`` (and ``.jsonl.gz`` / ``.jsonl.zst``): a byte-offset index of the lines
-  (16 bytes per row in memory); a row is one seek + one line.  Compressed files are first
-  decompressed, streaming, to a temporary file beside the index (deleted at exit).
+  (16 bytes per row in memory); a row is one positional read.  Compressed files are first
+  decompressed, streaming, to a temporary file (deleted at exit).
 - ``*.json`` (an array or one object): parsed whole (JSON arrays cannot be indexed).
-- ``*.parquet`` (a directory of shards gives one source per file): the footer only; a row reads its row group,
-  and the last few decoded row groups are cached.  ``line`` = 1-based row in the file.
+- ``*.parquet`` (a directory of shards gives one source per file): the footer only; a row reads its
+  row group, and the last few decoded row groups (Arrow tables) are cached per process;
+  ``line`` = 1-based row in the file.  Store nested values whose keys vary from row to row
+  (tool-call ``arguments``, ``tools``) as JSON text: a struct column fills absent keys with null.
 - ``*.arrow`` / a ``datasets.save_to_disk`` directory (``dir`` or ``dir@split`` for a
   DatasetDict) / ``hf:org/name[:config][@split]``: a memory-mapped ``datasets.Dataset``
   (the hub id is downloaded into the ``datasets`` cache first; needs a network).
@@ -205,7 +207,8 @@ class ParquetSource:
     def __getstate__(self):
         return {**self.__dict__, "_file": None}
 
-    def _block_rows(self, b: int) -> list[dict]:
+    def _block(self, b: int):
+        """Row group ``b`` as an Arrow table (columnar: about the size of the raw data)."""
         key = (self.path, b)
         with _ROW_GROUPS_LOCK:
             if key in _ROW_GROUPS:
@@ -213,15 +216,15 @@ class ParquetSource:
                 return _ROW_GROUPS[key]
             if self._file is None:
                 self._file = pq.ParquetFile(self.path)
-            rows = self._file.read_row_group(self._groups[b]).to_pylist()
-            _ROW_GROUPS[key] = rows
+            table = self._file.read_row_group(self._groups[b])
+            _ROW_GROUPS[key] = table
             while len(_ROW_GROUPS) > self.cache_blocks:
                 _ROW_GROUPS.popitem(last=False)
-            return rows
+            return table
 
     def row(self, i: int) -> tuple[dict, str]:
         b = bisect.bisect_right(self.block_starts, i) - 1
-        return self._block_rows(b)[i - int(self.block_starts[b])], f"{self.path}:{i + 1}"
+        return self._block(b).slice(i - int(self.block_starts[b]), 1).to_pylist()[0], f"{self.path}:{i + 1}"
 
 
 # ------------------------------------------------------------------------ Arrow / hub
