@@ -1,7 +1,7 @@
 """Host memory and throughput of the data pipeline on a corpus of a few GB: streamed
 (``data.streaming=True``: JSONL line offsets, Parquet row groups) vs today's in-memory readers.
 
-    python bench/data_streaming.py [--gb=2] [--batches=200] [--dir=/tmp/sft_jax_stream_bench] [--keep]
+    python bench/data_streaming.py [--gb=2] [--batches=200] [--dir=/tmp/sft_jax_stream_bench] [--keep] [--reuse]
 
 Writes a synthetic messages-format corpus (distinct ~1 KB rows, 1-3 turns) as one JSONL file of
 ``--gb`` GB and as Parquet shards of the same rows, then runs each case in a fresh process and
@@ -91,9 +91,11 @@ def write_corpus(directory: pathlib.Path, gb: float) -> dict:
     if writer is not None:
         writer.close()
     pq_bytes = sum(p.stat().st_size for p in shards.iterdir())
-    return {"rows": n, "jsonl_bytes": size, "parquet_bytes": pq_bytes, "parquet_shards": len(list(shards.iterdir())),
+    info = {"rows": n, "jsonl_bytes": size, "parquet_bytes": pq_bytes, "parquet_shards": len(list(shards.iterdir())),
             "slice_rows": sum(1 for _ in open(part)), "slice_bytes": part.stat().st_size,
             "write_seconds": time.perf_counter() - t0}
+    (directory / "corpus.json").write_text(json.dumps(info))
+    return info
 
 
 # ------------------------------------------------------------------------------ children
@@ -158,6 +160,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--dir", default="/tmp/sft_jax_stream_bench")
     ap.add_argument("--keep", action="store_true", help="keep the corpus")
+    ap.add_argument("--reuse", action="store_true", help="use the corpus a --keep run left in --dir")
     ap.add_argument("--out", default=str(REPO / "bench" / "data_streaming.json"))
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -169,7 +172,8 @@ def main() -> None:
         return
     d = pathlib.Path(a.dir)
     try:
-        corpus = write_corpus(d, a.gb)
+        done = d / "corpus.json"
+        corpus = json.loads(done.read_text()) if a.reuse and done.exists() else write_corpus(d, a.gb)
         print(f"corpus: {corpus['rows']:,} rows, JSONL {corpus['jsonl_bytes'] / 1e9:.2f} GB, Parquet "
               f"{corpus['parquet_bytes'] / 1e9:.2f} GB in {corpus['parquet_shards']} shards (row groups of 2,000); "
               f"slice 1/{SLICE}: {corpus['slice_rows']:,} rows, {corpus['slice_bytes'] / 1e6:.0f} MB "

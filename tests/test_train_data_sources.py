@@ -58,16 +58,6 @@ def test_streamed_parquet_shards_train_and_resume_exactly(base, tmp_path):
     assert {s: again[s] for s in (4, 5, 6)} == {s: first[s] for s in (4, 5, 6)}  # bitwise: data order too
 
 
-@pytest.mark.slow
-def test_saved_datasets_dataset_trains(base, tmp_path):
-    datasets.Dataset.from_list(testing.synthetic_rows(40)).save_to_disk(str(tmp_path / "saved"))
-    losses = _run(base, tmp_path / "run", tmp_path / "saved", "--config.train.steps=3",
-                  "--config.checkpoint.every_steps=0")
-    assert sorted(losses) == [1, 2, 3] and all(0 < v < 20 for v in losses.values())
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["config"]["data"]["path"] == str(tmp_path / "saved")
-
-
 CITIES = ["Paris", "Rome", "Oslo", "Lima"]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
@@ -91,9 +81,9 @@ def test_tool_calling_dataset_trains_and_generates_calls(base, tmp_path):
     data = testing.write_jsonl(str(tmp_path / "tools.jsonl"), [_tool_row(k) for k in range(64)])
     wd = tmp_path / "run"
     losses = _run(base, wd, data, "--config.data.template=mistral-v0.3", "--config.data.max_length=384",
-                  "--config.train.steps=80", "--config.train.batch_size=8", "--config.train.lr=3e-3",
+                  "--config.train.steps=60", "--config.train.batch_size=8", "--config.train.lr=3e-3",
                   "--config.train.schedule=constant", "--config.checkpoint.every_steps=0")
-    assert losses[80] < losses[1] / 3, losses
+    assert losses[60] < losses[1] / 3, losses
     gen = load_workdir(str(wd))
     prompts = [gen.encode_messages([{"role": "user", "content": f"What is the weather in {c}?"}], TOOLS)
                for c in CITIES[:2]]
@@ -105,3 +95,20 @@ def test_tool_calling_dataset_trains_and_generates_calls(base, tmp_path):
         assert len(calls) == 1 and calls[0]["name"] == "get_weather", text
         assert set(calls[0]["arguments"]) == {"city"}, text
         assert gen.tool_calls(ids) == calls
+
+
+@pytest.mark.slow
+def test_saved_datasets_reasoning_dataset_trains(base, tmp_path):
+    """A locally saved `datasets` dataset of reasoning conversations trains with qwen3."""
+    rows = [{"messages": [
+        {"role": "user", "content": f"What is {k} plus {k}?"},
+        {"role": "assistant", "content": f"<think>\n{k} and {k} make {2 * k}.\n</think>\n\nIt is {2 * k}."},
+        {"role": "user", "content": "And twice that?"},
+        {"role": "assistant", "content": f"It is {4 * k}.", "reasoning_content": f"Double {2 * k}."}]}
+        for k in range(24)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    losses = _run(base, tmp_path / "run", tmp_path / "saved", "--config.data.template=qwen3",
+                  "--config.data.max_length=256", "--config.train.steps=3", "--config.checkpoint.every_steps=0")
+    assert sorted(losses) == [1, 2, 3] and all(0 < v < 20 for v in losses.values())
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["data"]["path"] == str(tmp_path / "saved")

@@ -22,6 +22,7 @@ Every reader names the file and the line (row) of bad input in a :class:`DataErr
 
 from __future__ import annotations
 
+import array
 import atexit
 import bisect
 import collections
@@ -123,7 +124,7 @@ class JsonlSource:
     def __init__(self, path: str):
         self.path = path
         self._file = _decompress_to_tmp(path) if path.endswith((".gz", ".zst")) else path
-        offsets, lines = [], []
+        offsets, lines = array.array("q"), array.array("q")  # 8 bytes a row while indexing, too
         pos, lineno = 0, 0
         with open(self._file, "rb") as f:
             for raw in f:
@@ -134,8 +135,8 @@ class JsonlSource:
                 pos += len(raw)
         if not offsets:
             raise DataError(f"{path}: empty file (no rows)")
-        self._offsets = np.asarray(offsets, np.int64)
-        self._lines = np.asarray(lines, np.int64)
+        self._offsets = np.frombuffer(offsets, np.int64)
+        self._lines = np.frombuffer(lines, np.int64)
         self.block_starts = np.arange(0, len(offsets), CHUNK_ROWS, dtype=np.int64)
         self._fd = None
 
