@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -203,30 +203,34 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
     def restore(
-        self, step: int | None = None, abstract_state: Any = None, data_iterator: Any = None
+        self, step: int | None = None, abstract_state: Any = None, data_iterator: Any = None,
+        restore_data_if: Callable[[dict], bool] | None = None,
     ) -> tuple[Any, dict[str, Any]]:
         """Restore `(state, meta)`; `data_iterator` (if given) is set to the saved position.
 
         `abstract_state`: a tree of `jax.ShapeDtypeStruct` (with `sharding`) giving the
         target structure, dtypes and shardings; None restores as saved (host numpy-like).
-        `step=None`: the newest readable step; a corrupt or partial newest step is skipped
-        with a warning and the next older one is tried.  An explicit `step` raises if bad.
-        Raises `CheckpointNotFound` when there is nothing to restore.
+        `restore_data_if(meta)`: restore the iterator only when it returns True for the meta
+        of the step being restored (the trainer: same process count as when it was saved).
+        `step=None`: the newest readable step; a step any of whose files (meta included) cannot
+        be read is skipped with a warning and the next older one is tried.  An explicit `step`
+        raises if bad.  Raises `CheckpointNotFound` (one line naming every step and why) when
+        there is nothing readable to restore.
         """
         steps = self.all_steps()
         if step is not None:
             if int(step) not in steps:
                 raise CheckpointNotFound(f"no checkpoint of step {step} in {self.directory} (have {steps})")
-            return self._restore_one(int(step), abstract_state, data_iterator)
+            return self._restore_one(int(step), abstract_state, data_iterator, restore_data_if)
         if not steps:
             raise CheckpointNotFound(f"no checkpoint in {self.directory}")
         errors = []
         for s in reversed(steps):
             try:
-                out = self._restore_one(s, abstract_state, data_iterator)
+                out = self._restore_one(s, abstract_state, data_iterator, restore_data_if)
             except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
                 self._bad_steps.add(s)
-                errors.append(f"step {s}: {type(e).__name__}: {e}")
+                errors.append(f"step {s} ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
                 warnings.warn(
                     f"checkpoint of step {s} in {self.directory} is unreadable "
                     f"({type(e).__name__}: {str(e)[:300]}); trying an older one",
@@ -235,9 +239,10 @@ class Checkpointer:
                 )
                 continue
             return out
-        raise CheckpointNotFound(f"no readable checkpoint in {self.directory}:\n  " + "\n  ".join(errors))
+        raise CheckpointNotFound(f"no readable checkpoint in {self.directory}: {'; '.join(errors)}")
 
-    def _restore_one(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict[str, Any]]:
+    def _restore_one(self, step: int, abstract_state: Any, data_iterator: Any,
+                     restore_data_if: Callable[[dict], bool] | None) -> tuple[Any, dict[str, Any]]:
         ocp, grain = _ocp(), _grain()
         target = None if abstract_state is None else _abstract_keys_to_data(abstract_state)
         # Meta and state first: the iterator is only touched once those are known good.
@@ -245,17 +250,9 @@ class Checkpointer:
         state = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         if abstract_state is not None:
             state = _data_to_keys(state, abstract_state)
-        if data_iterator is not None:
+        if data_iterator is not None and (restore_data_if is None or restore_data_if(dict(meta or {}))):
             self._mgr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
         return state, dict(meta or {})
-
-    def restore_meta(self, step: int | None = None) -> dict[str, Any]:
-        """Only the JSON meta of `step` (default: latest)."""
-        ocp = _ocp()
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointNotFound(f"no checkpoint in {self.directory}")
-        return dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     # ---------------------------------------------------------------- lifecycle
     def wait(self) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.restart import keep_aside
+
 log = logging.getLogger("sft_jax.train")
 
 
@@ -361,6 +363,9 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
             lora_cfg=dataclasses.asdict(lora_cfg), model_policy=_model_policy(cfg), eos_ids=stop_ids,
             config=cfg.to_dict(),
         )
+    if is_main and cfg.checkpoint.resume == "none":  # starting over: the earlier run's checkpoints are kept aside
+        keep_aside(workdir / "checkpoints", "checkpoint.resume=none")
+    distributed.barrier("checkpoints_aside")
     ck = ckpt_lib.Checkpointer(workdir, keep=int(cfg.checkpoint.keep), every_steps=int(cfg.checkpoint.every_steps),
                                async_save=bool(cfg.checkpoint.async_save))
     start_step = 0
@@ -370,10 +375,17 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
         if latest >= 0:
             # The grain iterator state is per process (process_i-of-n.json): after a change of the
             # process count it cannot be restored, so the new iterator is fast-forwarded instead.
-            saved_pc = int(ck.restore_meta(latest).get("process_count", jax.process_count()))
-            same_topology = distributed.agree_all(saved_pc == jax.process_count())
-            state, _ = ck.restore(abstract_state=ckpt_lib.abstract_like(state),
-                                  data_iterator=train_iter if same_topology else None)
+            def saved_by_same_count(meta: dict) -> bool:
+                return int(meta.get("process_count", jax.process_count())) == jax.process_count()
+
+            try:  # the newest readable step: any unreadable file of a step (its meta too) falls back
+                state, meta = ck.restore(abstract_state=ckpt_lib.abstract_like(state), data_iterator=train_iter,
+                                         restore_data_if=saved_by_same_count)
+            except ckpt_lib.CheckpointNotFound as e:
+                raise TrainError(f"{e}. Set checkpoint.resume=none to start over (they are kept in "
+                                 f"checkpoints.<n>) or use another --workdir") from None
+            saved_pc = int(meta.get("process_count", jax.process_count()))
+            same_topology = distributed.agree_all(saved_by_same_count(meta))
             start_step = int(state["step"])
             if distributed.agree_any(distributed.broadcast_from_main(start_step) != start_step):
                 raise TrainError(f"processes restored different checkpoints (this one: step {start_step}); "
