@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -20,6 +21,10 @@ import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from sft_jax.restart import keep_aside
+
+log = logging.getLogger(__name__)
 
 # Event recorded once per executable that jit builds (wraps `compile_or_get_cached`, so it
 # fires on persistent-compilation-cache hits too, with the retrieval time), keyword
@@ -334,7 +339,10 @@ class MetricsWriter:
     `step_time_s, compile_time_s, mfu`; `write_eval` prefixes its fields with `eval_`.
     Each JSONL line is `{"step": s, "time": unix_seconds, ...}`; non-finite values are
     written as null.  `resume_step`: rows with a larger step (from a run that went past
-    the checkpoint it resumes from) are dropped, and TensorBoard purges them too.
+    the checkpoint it resumes from) are dropped, and TensorBoard purges them too; a line that
+    is not JSON (the half-written last line of a killed run) is dropped with a warning.
+    `resume_step=None` (a run starting at step 0): an existing metrics.jsonl and tb/ are kept
+    as `metrics.jsonl.<n>` and `tb.<n>` and fresh ones started.
     On non-main processes every method is a no-op.
     """
 
@@ -357,11 +365,11 @@ class MetricsWriter:
             self._f = None
             return
         os.makedirs(self.workdir, exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+        if resume_step is None:
+            for old in (self.path, os.path.join(self.workdir, "tb")):
+                keep_aside(old, "training starts at step 0")
+        elif os.path.exists(self.path):
+            self._keep_rows_until(resume_step)
         self._f = open(self.path, "a", buffering=1)  # line-buffered: a crash loses at most a line
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -370,6 +378,30 @@ class MetricsWriter:
                 logdir=os.path.join(self.workdir, "tb"),
                 purge_step=None if resume_step is None else resume_step + 1,
             )
+
+    def _keep_rows_until(self, resume_step: int) -> None:
+        """Rewrite metrics.jsonl with its rows of steps <= resume_step (unparsable lines dropped, warned)."""
+        keep, bad = [], []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for n, ln in enumerate(f, 1):
+                if not ln.strip():
+                    continue
+                try:
+                    row = json.loads(ln)
+                    step = int(row.get("step", 0)) if isinstance(row, dict) else None
+                except (json.JSONDecodeError, TypeError, ValueError):
+                    step = None
+                if step is None:
+                    bad.append(n)
+                elif step <= resume_step:
+                    keep.append(ln if ln.endswith("\n") else ln + "\n")
+        if bad:
+            log.warning("%s: skipped %d line(s) that are not a metrics row (line %s; a run killed while writing "
+                        "leaves a truncated last line)", self.path, len(bad), ", ".join(map(str, bad[:10])))
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
 
     def write_run_info(self, config: Any, extra: Mapping[str, Any] | None = None) -> None:
         """`WORKDIR/run_info.json`: config dict, library versions, devices, `extra`."""

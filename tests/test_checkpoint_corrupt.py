@@ -1,4 +1,5 @@
-"""Every unreadable condition of a checkpoint goes through the same fallback (issue 19 item 3).
+"""Every unreadable condition of a checkpoint goes through the same fallback (issue 19 item 3);
+the trainer test also covers metrics.jsonl on resume and restart (item 4).
 
 Each file of the newest step (its `meta/metadata` included) is overwritten with garbage, emptied
 or deleted in turn: the restore either reads that step correctly (a file Orbax does not need
@@ -17,7 +18,7 @@ import pytest
 
 from sft_jax.checkpoint import Checkpointer, CheckpointNotFound, abstract_like
 from test_checkpoint import assert_tree_equal, make_iter, make_state
-from test_train import _train, _train_losses
+from test_train import _metrics, _train
 
 DAMAGE = {"garbage": b"\x00garbage{", "empty": b"", "delete": None}
 
@@ -94,9 +95,13 @@ def test_trainer_corrupt_meta_falls_back_all_corrupt_says_resume_none(tmp_path):
     common = ["--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3", "--config.checkpoint.async_save=False"]
     _train(wd, "--config.train.steps=4", *common)
     (wd / "checkpoints" / "4" / "meta" / "metadata").write_text("{garbage")
+    with open(wd / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # and metrics.jsonl ends on a half-written line (a kill while writing)
     p = _train(wd, "--config.train.steps=4", *common)  # read before the fallback until issue 19: a traceback
     assert "checkpoint of step 4" in p.stderr and "unreadable" in p.stderr, p.stderr[-3000:]
-    assert sorted(_train_losses(wd)) == [1, 2, 3, 4] and "resuming at step 2" in p.stdout
+    assert "skipped 1 line(s)" in p.stderr, p.stderr[-3000:]
+    assert "resuming at step 2" in p.stdout
+    assert [r["step"] for r in _metrics(wd) if "loss" in r] == [1, 2, 3, 4]  # rows 3, 4 of the first run dropped
     steps = sorted(int(s.name) for s in (wd / "checkpoints").iterdir() if s.name.isdigit())
     for s in steps:
         (wd / "checkpoints" / str(s) / "meta" / "metadata").write_text("{garbage")
@@ -104,6 +109,9 @@ def test_trainer_corrupt_meta_falls_back_all_corrupt_says_resume_none(tmp_path):
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert p.returncode == 1 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert all(f"step {s} (" in errors[0] for s in steps) and "checkpoint.resume=none" in errors[0]
+    old_rows = (wd / "metrics.jsonl").read_text()
     _train(wd, "--config.train.steps=2", *common, "--config.checkpoint.resume=none")
     assert sorted(int(s.name) for s in (wd / "checkpoints.1").iterdir() if s.name.isdigit()) == steps
     assert sorted(int(s.name) for s in (wd / "checkpoints").iterdir() if s.name.isdigit()) == [2]
+    assert [r["step"] for r in _metrics(wd) if "loss" in r] == [1, 2]  # a fresh file, no duplicated steps
+    assert (wd / "metrics.jsonl.1").read_text() == old_rows
