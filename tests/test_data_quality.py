@@ -368,7 +368,7 @@ def test_cli_on_alpaca_demo_then_train_on_clean_file(tmp_path, shared_dir, repo_
                     str(shared_dir / "assets/stories260K/tok512.model"), str(base))
     out = tmp_path / "clean.jsonl"
     cmd = [sys.executable, "-m", "sft_jax.data.quality", f"--data={shared_dir / 'data/alpaca_en_demo.json'}",
-           f"--model={base}", "--template=chatml", "--max_length=256", f"--out={out}", f"--report={tmp_path / 'r'}",
+           f"--model={base}", "--template=chatml", "--max_length=128", f"--out={out}", f"--report={tmp_path / 'r'}",
            "--select=300"]
     p = subprocess.run(cmd, cwd=repo_dir, env=_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -381,7 +381,7 @@ def test_cli_on_alpaca_demo_then_train_on_clean_file(tmp_path, shared_dir, repo_
     wd = tmp_path / "run"
     cmd = [sys.executable, "-m", "sft_jax.train", "--config=configs/alpaca.py", f"--workdir={wd}",
            f"--config.model.path={base}", f"--config.data.path={out}", "--config.data.template=chatml",
-           "--config.data.format=auto", "--config.data.max_length=256", "--config.train.steps=2",
+           "--config.data.format=auto", "--config.data.max_length=128", "--config.train.steps=2",
            "--config.train.batch_size=4", "--config.model.dtype=float32", "--config.model.param_dtype=float32",
            "--config.eval.max_batches=1", "--config.eval.num_generations=0", "--config.checkpoint.every_steps=0"]
     p = subprocess.run(cmd, cwd=repo_dir, env=_env(), capture_output=True, text=True, timeout=900)
