@@ -10,65 +10,25 @@ headless Chromium).
 
 from __future__ import annotations
 
-import html
 import pathlib
 from collections import Counter, defaultdict
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from sft_jax.data import quality_text
+from sft_jax.html_report import IMAGES_SCRIPT as _SCRIPT
+from sft_jax.html_report import STYLE as _STYLE
+from sft_jax.html_report import escape as _e
+from sft_jax.html_report import img as _img
+from sft_jax.html_report import plt
+from sft_jax.html_report import save_figure as _save
+from sft_jax.html_report import table as _table
 
-from sft_jax.data import quality_text  # noqa: E402
-
-_SCRIPT = """<script>
-window.addEventListener('load', function () {
-  var imgs = document.images, ok = 0;
-  for (var i = 0; i < imgs.length; i++) {
-    if (imgs[i].complete && imgs[i].naturalWidth > 0) { ok++; }
-    else {
-      imgs[i].insertAdjacentHTML('afterend',
-        '<p class="broken">image failed to load: ' + imgs[i].getAttribute('src') + '</p>');
-    }
-  }
-  document.body.setAttribute('data-images-loaded', ok + '/' + imgs.length);
-});
-</script>"""
-_STYLE = """<style>
-body { font-family: sans-serif; margin: 2em; max-width: 1100px; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-td, th { border: 1px solid #bbb; padding: 3px 8px; vertical-align: top; text-align: left; font-size: 13px; }
-pre { white-space: pre-wrap; margin: 0; max-height: 9em; overflow: auto; }
-img { max-width: 100%; display: block; margin: 0.5em 0; }
-.broken { color: #b00; font-weight: bold; }
-</style>"""
 _EXAMPLE_CHARS = 300
-
-
-def _e(text) -> str:
-    return html.escape(str(text))
 
 
 def _snippet(record: dict) -> str:
     return _e(quality_text.conversation_text(record["messages"])[:_EXAMPLE_CHARS])
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img(name: str, alt: str) -> str:
-    return f"<img src='{_e(name)}' alt='{_e(alt)}'>"
-
-
-def _save(fig, path: pathlib.Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path.name
 
 
 def _hist_per_source(result, values: np.ndarray, xlabel: str, title: str, path: pathlib.Path) -> str:
