@@ -128,14 +128,18 @@ def test_concurrent_chat_equals_generate(gen, client, engine):
 
 
 def test_stream_equals_non_stream(gen, client):
+    """The stream's text is generate's; a piece is sent as soon as its token completes the UTF-8
+    text (a byte-level token that ends mid-character waits for the next)."""
     m = [{"role": "user", "content": QUESTIONS[2]}]
     stream = client.chat.completions.create(model="tiny-chat", messages=m, max_tokens=20, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3  # token by token
-    assert text == reference(gen, [m], [20])[0][0]
+    ids = gen.generate_ids([gen.encode_messages(m)], max_new_tokens=REF_TOKENS)[0][0][:20]
+    growth = ({gen.decode(ids[:k]).rstrip("\ufffd") for k in range(1, 20)} | {gen.decode(ids)}) - {""}
+    assert len(pieces) == len(growth) > 1  # token by token, not all at the end
+    assert "".join(pieces) == gen.decode(ids)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
     done = [c for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -206,6 +210,8 @@ def test_models_and_health(server, client):
      "logprobs", None),
     ({"model": "tiny-chat", "messages": [], "max_tokens": 4}, None, 400, "messages", None),
     ({"model": "tiny-chat", "prompt": [1, 99999], "max_tokens": 4}, None, 400, "prompt", None),
+    ({"model": "tiny-chat", "prompt": "", "max_tokens": 4}, None, 400, "prompt", None),
+    ({"model": "tiny-chat", "prompt": [1] * 200}, None, 400, "prompt", "context_length_exceeded"),
 ])
 def test_bad_requests(server, body, raw, status, param, code):
     path = "/v1/completions" if body and "prompt" in body else "/v1/chat/completions"
@@ -221,6 +227,20 @@ def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=0)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model=a", "--workdir=b"], "exactly one"),
+    (["--model=a", "--max_batch=0"], "max_batch"),
+    (["--model=a", "--log_level=loud"], "log_level"),
+    (["--model=/nonexistent"], "not a directory"),
+])
+def test_cli_bad_arguments(argv, match):
+    from sft_jax.export import UsageError
+    from sft_jax.serve.__main__ import main
+
+    with pytest.raises(UsageError, match=match):
+        main(argv)
 
 
 def _wait(pred, timeout=30.0):

@@ -63,12 +63,15 @@ def _check_args(args) -> None:
         raise UsageError(f"--port must be in [1, 65535], got {args.port}")
     if args.dtype not in (None, "float32", "bfloat16"):
         raise UsageError(f"--dtype={args.dtype!r} is not one of float32, bfloat16")
+    if args.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise UsageError(f"--log_level={args.log_level!r} is not one of debug, info, warning, error, critical")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _check_args(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("sft_jax").setLevel(args.log_level.upper())
     if args.model is not None:
         gen_lib.check_model_dir(args.model)
     else:

@@ -124,19 +124,22 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
                              status=404, code="model_not_found")
         return by_name[name]
 
-    def make_seqs(model: ServedModel, prompts: list[list[int]], opts: Options, bridge: _Bridge) -> list[Seq]:
+    def make_seqs(model: ServedModel, prompts: list[list[int]], opts: Options, bridge: _Bridge,
+                  prompt_field: str) -> list[Seq]:
         seqs = []
         base_seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
         for p, ids in enumerate(prompts):
+            if not ids:
+                raise BadRequest("the prompt is empty (it encodes to no tokens)", prompt_field)
             bad = [t for t in ids if not 0 <= t < model.vocab_size]
             if bad:
                 raise BadRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {model.vocab_size})",
-                                 "prompt")
+                                 prompt_field)
             max_tokens = opts.max_tokens if opts.max_tokens is not None else engine.max_len - len(ids)
             try:
                 engine.check(len(ids), max(max_tokens, 1))
             except EngineError as e:
-                raise BadRequest(str(e), "messages" if opts.max_tokens is None else "max_tokens",
+                raise BadRequest(str(e), prompt_field if opts.max_tokens is None else "max_tokens",
                                  code="context_length_exceeded") from None
             for c in range(opts.n):
                 i = p * opts.n + c
@@ -186,7 +189,7 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
 
     async def respond(request: Request, model: ServedModel, prompts: list[list[int]], opts: Options, chat: bool):
         bridge = _Bridge(asyncio.get_running_loop())
-        seqs = make_seqs(model, prompts, opts, bridge)
+        seqs = make_seqs(model, prompts, opts, bridge, "messages" if chat else "prompt")
         submit(seqs)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
