@@ -151,11 +151,47 @@ def _flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be run; the message says which field and why."""
+    """A configuration that cannot be run; the message (one line) says which field and why."""
+
+
+# Numeric fields and the values they must take ("> 0", ">= 0", "[0, 1)"); checked by validate().
+BOUNDS: dict[str, str] = {
+    "train.lr": "> 0", "train.eps": ">= 0", "train.b1": "[0, 1)", "train.b2": "[0, 1)",
+    "train.steps": ">= 0", "train.epochs": ">= 0", "train.warmup_steps": ">= 0", "train.end_lr": ">= 0",
+    "train.weight_decay": ">= 0", "train.grad_clip": ">= 0", "train.z_loss": ">= 0",
+    "train.loss_chunk_size": ">= 0", "train.peak_flops": ">= 0",
+    "data.eval_fraction": "[0, 1)", "data.num_workers": ">= 0",
+    "checkpoint.keep": "> 0", "checkpoint.every_steps": ">= 0",
+    "eval.every_steps": ">= 0", "eval.max_batches": ">= 0", "eval.num_generations": ">= 0",
+    "eval.max_new_tokens": "> 0",
+    "model.attention_block": ">= 0", "neftune.alpha": ">= 0",
+    **{f"model.tiny.{k}": "> 0" for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                           "num_kv_heads", "vocab_size", "max_position_embeddings")},
+}
+
+
+def _value_problems(given: dict[str, Any]) -> list[str]:
+    """Values of well-typed fields that cannot be right: out of BOUNDS, or inconsistent together."""
+    ok = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "[0, 1)": lambda v: 0 <= v < 1}
+    problems = [f"config field '{k}' must be {b.replace('[', 'in [')}, got {given[k]}"
+                for k, b in BOUNDS.items() if k in given and not ok[b](given[k])]
+    if given["train.schedule"] != "constant" and given["train.end_lr"] > given["train.lr"] > 0:
+        problems.append(f"config field 'train.end_lr' = {given['train.end_lr']} is above train.lr = "
+                        f"{given['train.lr']} (the floor the {given['train.schedule']} schedule decays to)")
+    if given["model.init"] == "tiny" and not problems:
+        heads, kv, hidden = (given[f"model.tiny.{k}"] for k in ("num_heads", "num_kv_heads", "hidden_size"))
+        if heads % kv:
+            problems.append(f"config field 'model.tiny.num_heads' = {heads} is not a multiple of "
+                            f"model.tiny.num_kv_heads = {kv}")
+        if hidden % heads:
+            problems.append(f"config field 'model.tiny.hidden_size' = {hidden} is not a multiple of "
+                            f"model.tiny.num_heads = {heads}")
+    return problems
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check `cfg` against the schema: unknown fields, types and enumerated values."""
+    """Check `cfg` against the schema: unknown fields, types, enumerated values and values that
+    cannot be right (BOUNDS, and fields inconsistent together); ConfigError, one line."""
     schema = _flatten(default_config())
     given = _flatten(cfg)
     problems: list[str] = []
@@ -199,6 +235,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             problems.append("set train.steps > 0 or train.epochs > 0")
         if not 0.0 <= given["data.max_skip_fraction"] <= 1.0:
             problems.append("config field 'data.max_skip_fraction' must be in [0, 1]")
+        problems += _value_problems(given)
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(problems))
     return cfg

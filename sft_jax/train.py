@@ -311,6 +311,9 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
     else:
         per_epoch = pipeline.count_train_batches(cfg.data, tokenizer, global_batch_size=global_bs, seed=seed)
         total_steps = int(cfg.train.epochs) * per_epoch
+    if is_main and cfg.train.warmup_steps > total_steps:  # a short smoke run of a long recipe: allowed, said
+        log.warning("train.warmup_steps=%d is more than the run's %d steps: the learning rate never reaches "
+                    "train.lr=%g", cfg.train.warmup_steps, total_steps, cfg.train.lr)
     train_iter = pipeline.build_train_iterator(cfg.data, tokenizer, global_batch_size=global_bs, seed=seed,
                                                epochs=None)
     has_eval = bool(cfg.data.eval_path) or cfg.data.eval_fraction > 0
