@@ -140,12 +140,14 @@ class _GenSetup:
     prompts: list  # list of message lists (ending before the assistant answer)
     answers: list  # reference answers (strings)
     tasks: list  # tiny task names (None for real data)
+    tools: list  # per prompt: the row's tool schemas (None when it has none)
 
 
-def _prompt_ids(tokenizer, template: str, messages) -> list[int]:
+def _prompt_ids(tokenizer, template: str, messages, tools=None) -> list[int]:
     from sft_jax.data import masking
 
-    text = masking.render(tokenizer, template, messages, add_generation_prompt=True)
+    messages = masking.prepare_messages(template, messages, tools)
+    text = masking.render(tokenizer, template, messages, add_generation_prompt=True, tools=tools)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -153,7 +155,7 @@ def _generations(gen: _GenSetup, trainable, frozen, model_config, lora_cfg, max_
     from sft_jax import sampling
 
     n = len(gen.prompts) if limit <= 0 else min(limit, len(gen.prompts))
-    prompts = [_prompt_ids(gen.tokenizer, gen.template, m) for m in gen.prompts[:n]]
+    prompts = [_prompt_ids(gen.tokenizer, gen.template, m, t) for m, t in zip(gen.prompts[:n], gen.tools[:n])]
     params, lora = (frozen, trainable) if lora_cfg.enabled else (trainable, None)
     outs = sampling.generate(params, model_config, prompts, max_new_tokens=max_new_tokens, eos_ids=gen.stop_ids,
                              lora=lora, lora_scale=lora_cfg.scale if lora_cfg.enabled else 1.0)
@@ -328,16 +330,17 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
         if tiny_eval_rows is not None:
             rows = tiny_eval_rows
             gen = _GenSetup(tokenizer, tokenizer.chat_template, stop_ids, [r["messages"][:-1] for r in rows],
-                            [r["messages"][-1]["content"] for r in rows], [r["task"] for r in rows])
+                            [r["messages"][-1]["content"] for r in rows], [r["task"] for r in rows],
+                            [None] * len(rows))
         else:
             try:
                 groups = pipeline.split_records(cfg.data, "eval", seed)  # lazy with data.streaming: take a few
                 convs = list(itertools.islice((g[i] for g in groups for i in range(len(g))),
                                               int(cfg.eval.num_generations)))
-                msgs = [c["messages"] if isinstance(c, dict) and "messages" in c else c for c in convs]
-                msgs = [m for m in msgs if isinstance(m, list) and m and m[-1].get("role") == "assistant"]
-                gen = _GenSetup(tokenizer, tokenizer.chat_template, stop_ids, [m[:-1] for m in msgs],
-                                [m[-1]["content"] for m in msgs], [None] * len(msgs))
+                recs = [c for c in convs if c["messages"][-1]["role"] == "assistant"]
+                gen = _GenSetup(tokenizer, tokenizer.chat_template, stop_ids, [c["messages"][:-1] for c in recs],
+                                [c["messages"][-1]["content"] for c in recs], [None] * len(recs),
+                                [c.get("tools") for c in recs])
             except Exception as e:  # generation samples are a convenience; never stop training for them
                 log.warning("no sample generations: %s", e)
 

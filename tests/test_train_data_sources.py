@@ -37,7 +37,8 @@ def _run(base, workdir, data_path, *args):
            "--config.eval.num_generations=0", "--config.train.lr=1e-3", *args]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    return {r["step"]: r["loss"] for r in _metrics(workdir) if "loss" in r}  # last value per step
+    losses = {r["step"]: r["loss"] for r in _metrics(workdir) if "loss" in r}  # last value per step
+    return losses, p.stdout + p.stderr
 
 
 @pytest.mark.slow
@@ -51,10 +52,10 @@ def test_streamed_parquet_shards_train_and_resume_exactly(base, tmp_path):
     args = ["--config.data.streaming=True", "--config.data.shuffle_window=2", "--config.train.steps=6",
             "--config.checkpoint.every_steps=3", "--config.checkpoint.async_save=False"]
     wd = tmp_path / "run"
-    first = _run(base, wd, shards, *args)
+    first, _ = _run(base, wd, shards, *args)
     assert sorted(first) == list(range(1, 7)) and all(0 < v < 20 for v in first.values())
     shutil.rmtree(wd / "checkpoints" / "6")  # as if the run had died after step 5's save at 3
-    again = _run(base, wd, shards, *args)  # resumes from step 3 and redoes 4..6
+    again, _ = _run(base, wd, shards, *args)  # resumes from step 3 and redoes 4..6
     assert {s: again[s] for s in (4, 5, 6)} == {s: first[s] for s in (4, 5, 6)}  # bitwise: data order too
 
 
@@ -80,10 +81,15 @@ def test_tool_calling_dataset_trains_and_generates_calls(base, tmp_path):
 
     data = testing.write_jsonl(str(tmp_path / "tools.jsonl"), [_tool_row(k) for k in range(64)])
     wd = tmp_path / "run"
-    losses = _run(base, wd, data, "--config.data.template=mistral-v0.3", "--config.data.max_length=384",
+    losses, output = _run(base, wd, data, "--config.data.template=mistral-v0.3", "--config.data.max_length=384",
                   "--config.train.steps=60", "--config.train.batch_size=8", "--config.train.lr=3e-3",
-                  "--config.train.schedule=constant", "--config.checkpoint.every_steps=0")
+                  "--config.train.schedule=constant", "--config.checkpoint.every_steps=0",
+                  f"--config.data.eval_path={data}", "--config.eval.num_generations=1",
+                  "--config.eval.max_new_tokens=100")
     assert losses[60] < losses[1] / 3, losses
+    # the trainer's own sample generation (the held-out row up to its last answer, rendered with
+    # the row's tools) answers from the tool result
+    assert output.rsplit("model: ", 1)[1].startswith("'It is sunny in Paris.'"), output[-2000:]
     gen = load_workdir(str(wd))
     prompts = [gen.encode_messages([{"role": "user", "content": f"What is the weather in {c}?"}], TOOLS)
                for c in CITIES[:2]]
@@ -107,7 +113,7 @@ def test_saved_datasets_reasoning_dataset_trains(base, tmp_path):
         {"role": "assistant", "content": f"It is {4 * k}.", "reasoning_content": f"Double {2 * k}."}]}
         for k in range(24)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    losses = _run(base, tmp_path / "run", tmp_path / "saved", "--config.data.template=qwen3",
+    losses, _ = _run(base, tmp_path / "run", tmp_path / "saved", "--config.data.template=qwen3",
                   "--config.data.max_length=256", "--config.train.steps=3", "--config.checkpoint.every_steps=0")
     assert sorted(losses) == [1, 2, 3] and all(0 < v < 20 for v in losses.values())
     run = json.loads((tmp_path / "run" / "run.json").read_text())
