@@ -1,13 +1,16 @@
 """Alpaca-style instruction data, LoRA, cosine schedule with warmup, NEFTune alpha 5.
 
-    python -m sft_jax.train --config=configs/alpaca.py --config.model.path=/path/to/hf_model
+    python -m sft_jax.train --config=configs/alpaca.py --config.model.path=/path/to/hf_model \
+        --config.data.path=hf:tatsu-lab/alpaca
 """
-
-import pathlib
 
 from sft_jax.config import default_config
 
-_SHARED_ALPACA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_en_demo.json"
+ALPACA_HELP = (
+    "alpaca data are not shipped with sft_jax: pass --config.data.path=hf:tatsu-lab/alpaca (Stanford Alpaca, "
+    "52K rows, from the Hugging Face hub), hf:yahma/alpaca-cleaned, or a local file in alpaca format "
+    "(instruction/input/output, e.g. LLaMA-Factory's data/alpaca_en_demo.json)"
+)
 
 
 def get_config():
@@ -17,7 +20,8 @@ def get_config():
     c.model.param_dtype = "bfloat16"
     c.model.dtype = "bfloat16"
 
-    c.data.path = str(_SHARED_ALPACA)
+    c.data.path = ""  # required: an alpaca file or hub id (see ALPACA_HELP)
+    c.data.source_help = ALPACA_HELP
     c.data.format = "alpaca"
     c.data.max_length = 1024
     c.data.packing = True

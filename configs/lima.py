@@ -5,15 +5,18 @@ The paper's recipe: full fine-tuning, 15 epochs, AdamW beta1 0.9, beta2 0.95, we
 (The paper also raises residual dropout from 0.0 to 0.3 across layers; sft_jax's model has no
 residual dropout, noted in BUILD_NOTES.md.)
 
-    python -m sft_jax.train --config=configs/lima.py --config.model.path=/path/to/hf_model --workdir=runs/lima
+    python -m sft_jax.train --config=configs/lima.py --config.model.path=/path/to/hf_model \
+        --config.data.path=/path/to/lima.json --workdir=runs/lima
 """
-
-import pathlib
 
 from sft_jax.config import default_config
 
-# The LIMA file beside the checkout (../shared/data/lima.json); override with --config.data.path.
-_SHARED_LIMA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lima.json"
+LIMA_HELP = (
+    "LIMA (1,000 curated conversations, Zhou et al. 2023) is not shipped with sft_jax: pass "
+    "--config.data.path=FILE, a local copy (e.g. LLaMA-Factory's data/lima.json, alpaca format; the original "
+    "is the gated Hugging Face dataset GAIR/lima), or a Hugging Face dataset id in a supported format, "
+    "--config.data.path=hf:org/name[:config][@split]"
+)
 
 
 def get_config():
@@ -24,7 +27,8 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
 
-    c.data.path = str(_SHARED_LIMA)
+    c.data.path = ""  # required: a LIMA file or hub id (see LIMA_HELP)
+    c.data.source_help = LIMA_HELP
     c.data.format = "auto"
     c.data.max_length = 2048
     c.data.packing = True

@@ -17,8 +17,6 @@ import pathlib
 from sft_jax.config import default_config
 
 SHAPES = str(pathlib.Path(__file__).resolve().parent / "shapes" / "llama3_8b")
-# LIMA beside the checkout (../shared/data/lima.json); override with --config.data.path.
-_SHARED_LIMA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lima.json"
 
 
 def get_config():
@@ -30,7 +28,9 @@ def get_config():
     c.model.scan_layers = True
     c.model.remat = "full"
 
-    c.data.path = str(_SHARED_LIMA)
+    c.data.path = ""  # required for training (the planner reads no data)
+    c.data.source_help = ("pass --config.data.path=FILE[,FILE...], a directory or a Hugging Face dataset id "
+                          "hf:org/name[:config][@split] (e.g. a local LIMA file, as configs/lima.py)")
     c.data.template = ""  # the tokenizer's own (Llama 3) chat template
     c.data.max_length = 8192
     c.data.packing = True

@@ -83,6 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
     # whole; rows are then validated when reached and shuffled by blocks (see shuffle_window)
     c.data.streaming = False
     c.data.shuffle_window = 16  # streaming: blocks (row groups / 1024-row chunks) shuffled together
+    # where this config's data come from: the error shown when data.path is empty (the shipped LIMA /
+    # alpaca configs leave data.path to the user and say here where to get the data)
+    c.data.source_help = ""
 
     # ---------------------------------------------------------------- train
     c.train = ml_collections.ConfigDict()

@@ -2,11 +2,12 @@
 
     python -m sft_jax.report --workdir=DIR [--out=DIR (default WORKDIR/report)]
 
-Reads WORKDIR/metrics.jsonl (and run_info.json for the title) and writes `curves.png` (training
+Reads WORKDIR/metrics.jsonl (and run_info.json for the summary) and writes `curves.png` (training
 loss with every eval loss, learning rate, gradient norm, tokens/s; the best step, the lowest
 `eval_loss`, marked on each) and `index.html` (the figure, a summary and the table of every
 evaluation, the best row in bold).  Steps logged twice (a resumed run repeats the steps after its
-checkpoint) keep their last row.  Bad input prints one line on stderr and exits with code 2.
+checkpoint) keep their last row; a truncated last line (a run killed while writing) is skipped
+with a warning.  Other bad input prints one line on stderr and exits with code 2.
 """
 
 from __future__ import annotations
@@ -28,29 +29,35 @@ class ReportError(ValueError):
     """Unusable metrics: the message names the file, line and field."""
 
 
-def read_metrics(path: str | os.PathLike) -> tuple[dict[int, dict], dict[int, dict]]:
-    """metrics.jsonl -> (train rows, eval rows), each {step: row} (a repeated step keeps its last row)."""
+def read_metrics(path: str | os.PathLike) -> tuple[dict[int, dict], dict[int, dict], list[str]]:
+    """metrics.jsonl -> (train rows, eval rows, notes): rows as {step: row} (a repeated step keeps its
+    last row); a last line cut short (no newline: a run killed while writing) is skipped with a note."""
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
+    notes: list[str] = []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines) and not line.endswith("\n"):
+                notes.append(f"{path}:{n}: skipped a truncated last line (a run killed while writing)")
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ReportError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ReportError(f"{path}:{n}: field 'step' missing or not an integer")
-            for k, v in row.items():
-                if k != "step" and not isinstance(v, (int, float, str, type(None))):
-                    raise ReportError(f"{path}:{n}: field {k!r} is not a number")
-            step = row["step"]
-            if any(k.startswith("eval_") for k in row):
-                evals[step] = {k: v for k, v in row.items() if k.startswith("eval_")}
-            if "loss" in row:
-                train[step] = row
-    return train, evals
+            raise ReportError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ReportError(f"{path}:{n}: field 'step' missing or not an integer")
+        for k, v in row.items():
+            if k != "step" and not isinstance(v, (int, float, str, type(None))):
+                raise ReportError(f"{path}:{n}: field {k!r} is not a number or a string")
+        step = row["step"]
+        if any(k.startswith("eval_") for k in row):
+            evals[step] = {k: v for k, v in row.items() if k.startswith("eval_")}
+        if "loss" in row:
+            train[step] = row
+    return train, evals, notes
 
 
 def best_step(evals: dict[int, dict], metric: str = BEST_METRIC) -> int | None:
@@ -108,7 +115,7 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     metrics = workdir / "metrics.jsonl"
     if not metrics.is_file():
         raise UsageError(f"--workdir: {metrics} not found (is {workdir} a training work directory?)")
-    train, evals = read_metrics(metrics)
+    train, evals, notes = read_metrics(metrics)
     if not train and not evals:
         raise ReportError(f"{metrics}: no metric rows")
     out = pathlib.Path(out_dir) if out_dir else workdir / "report"
@@ -127,6 +134,7 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     for k in ("model_params", "trainable_params", "base_model"):
         if k in info:
             summary.append([escape(k.replace("_", " ")), _cell(info[k])])
+    summary += [["note", escape(n)] for n in notes]
     cols = sorted({k for row in evals.values() for k in row}, key=lambda k: (k != BEST_METRIC, k))
     rows = []
     for s, row in sorted(evals.items()):
@@ -140,6 +148,8 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
              "</body></html>"]
     path = out / "index.html"
     path.write_text("\n".join(parts), encoding="utf-8")
+    for n in notes:
+        print(f"warning: {n}", file=sys.stderr)
     return str(path)
 
 

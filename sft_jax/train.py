@@ -232,6 +232,8 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
         )
     if cfg.model.init == "pretrained" and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         raise ConfigError(f"model.path={cfg.model.path!r} has no config.json (a Hugging Face model directory)")
+    if cfg.model.init == "pretrained" and not cfg.data.path:
+        raise ConfigError(pipeline.missing_data_message(cfg.data))
     workdir = pathlib.Path(workdir).resolve()
     is_main = distributed.is_main()
     if is_main:

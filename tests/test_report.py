@@ -31,9 +31,9 @@ def _metrics(wd, eval_losses):
 
 def test_read_metrics_and_best_step(tmp_path):
     wd = _metrics(tmp_path / "wd", [5.0, 2.0, 1.5, 1.7, 1.9])
-    train, evals = report.read_metrics(wd / "metrics.jsonl")
+    train, evals, notes = report.read_metrics(wd / "metrics.jsonl")
     assert sorted(train) == list(range(1, 41)) and train[22]["loss"] == 0.5  # the resumed rows win
-    assert sorted(evals) == [0, 10, 20, 30, 40]
+    assert sorted(evals) == [0, 10, 20, 30, 40] and notes == []
     assert report.best_step(evals) == 20
     assert report.best_step({}) is None
     assert report.best_step({3: {"eval_loss": float("nan")}, 5: {"eval_loss": 2.0}}) == 5
@@ -51,6 +51,10 @@ def test_bad_metrics_are_one_line_errors(tmp_path, capsys):
     assert "metrics.jsonl:1: field 'step'" in capsys.readouterr().err
     assert report.run_cli(report.main, [f"--workdir={tmp_path / 'none'}"], report.PROG) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+    (wd / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed while writing
+    assert report.run_cli(report.main, [f"--workdir={wd}"], report.PROG) == 0
+    assert "metrics.jsonl:2: skipped a truncated last line" in capsys.readouterr().err
+    assert "skipped a truncated last line" in (wd / "report" / "index.html").read_text()
 
 
 def test_report_renders_in_headless_chromium(tmp_path):

@@ -221,8 +221,8 @@ def test_lima_config_on_stories260k(tmp_path, shared_dir):
                     str(shared_dir / "assets/stories260K/tok512.model"), str(base))
     wd = tmp_path / "lima"
     cmd = [sys.executable, "-m", "sft_jax.train", "--config=configs/lima.py", f"--workdir={wd}",
-           f"--config.model.path={base}", "--config.data.template=chatml", "--config.data.max_length=256",
-           "--config.train.steps=3", "--config.train.batch_size=4", "--config.model.dtype=float32",
+           f"--config.model.path={base}", f"--config.data.path={shared_dir / 'data/lima.json'}",
+           "--config.data.template=chatml", "--config.data.max_length=256", "--config.train.steps=3", "--config.train.batch_size=4", "--config.model.dtype=float32",
            "--config.model.remat=none", "--config.eval.max_batches=1", "--config.eval.num_generations=1",
            "--config.eval.max_new_tokens=8", "--config.checkpoint.every_steps=0"]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)

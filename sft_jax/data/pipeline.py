@@ -305,6 +305,12 @@ def _select(records, indices: np.ndarray | None):
     return _Subset(records, indices)
 
 
+def missing_data_message(cfg_data) -> str:
+    """The error for an empty ``data.path``: the config's ``data.source_help`` when it has one."""
+    return "data.path is empty: " + (cfg_data.source_help or "set --config.data.path=FILE[,FILE...], a directory "
+                                     "or a Hugging Face dataset id hf:org/name[:config][@split]")
+
+
 def split_records(cfg_data, split: str, seed: int = 0) -> list:
     """Per ``data.path`` entry: the rows of ``split`` ("train" | "eval"), a list of records
     (or, with ``data.streaming``, a lazy sequence of them with ``block_starts``).
@@ -316,7 +322,7 @@ def split_records(cfg_data, split: str, seed: int = 0) -> list:
     if split == "eval" and cfg_data.eval_path:
         return [_load(cfg_data.eval_path, cfg_data)]
     if not cfg_data.path:  # the trainer fills it in for model.init=tiny (its generated tasks)
-        raise DataError("data.path is empty: set --config.data.path=FILE[,FILE...] or a directory")
+        raise DataError(missing_data_message(cfg_data))
     out = []
     for entry in [p.strip() for p in cfg_data.path.split(",") if p.strip()]:
         recs = _load(entry, cfg_data)
