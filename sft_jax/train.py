@@ -152,20 +152,32 @@ def _prompt_ids(tokenizer, template: str, messages, tools=None) -> list[int]:
 
 
 def _generations(gen: _GenSetup, trainable, frozen, model_config, lora_cfg, max_new_tokens: int, limit: int):
+    """Greedy generations of the first `limit` prompts (0 = all) -> (texts, ids, finish reasons), the
+    ids without their stop token and the reason "stop" (ended on a stop id) or "length" (hit the cap)."""
     from sft_jax import sampling
 
     n = len(gen.prompts) if limit <= 0 else min(limit, len(gen.prompts))
     prompts = [_prompt_ids(gen.tokenizer, gen.template, m, t) for m, t in zip(gen.prompts[:n], gen.tools[:n])]
     params, lora = (frozen, trainable) if lora_cfg.enabled else (trainable, None)
     outs = sampling.generate(params, model_config, prompts, max_new_tokens=max_new_tokens, eos_ids=gen.stop_ids,
-                             lora=lora, lora_scale=lora_cfg.scale if lora_cfg.enabled else 1.0)
-    return [gen.tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+                             lora=lora, lora_scale=lora_cfg.scale if lora_cfg.enabled else 1.0, keep_eos=True)
+    stop = set(gen.stop_ids)
+    finish = ["stop" if o and o[-1] in stop else "length" for o in outs]
+    ids = [o[:-1] if why == "stop" else o for o, why in zip(outs, finish)]
+    return [gen.tokenizer.decode(o, skip_special_tokens=True) for o in ids], ids, finish
 
 
-def _generation_report(gen: _GenSetup, texts: list[str], show: int) -> tuple[dict, list[str]]:
+def _generation_report(gen: _GenSetup, texts: list[str], ids: list[list[int]], finish: list[str],
+                       show: int) -> tuple[dict, list[str]]:
+    """The generation metrics of `sft_jax.eval` (exact match: the tiny tasks' scorer when the prompts
+    are tiny tasks) and the lines to print: the metrics, per-task exact match, `show` samples."""
     from sft_jax import tiny
+    from sft_jax.eval import generation_metrics
 
-    lines, metrics = [], {}
+    metrics = generation_metrics(texts, ids, finish, gen.answers[:len(texts)])
+    metrics.pop("generations", None)
+    lines = [f"generations ({len(texts)}): stop rate {metrics['stop_rate']:.1%}, ROUGE-L {metrics['rouge_l']:.3f}, "
+             f"mean length {metrics['mean_length']:.1f} tokens, repeated 4-grams {metrics['repetition']:.1%}"]
     if gen.tasks and gen.tasks[0] is not None:
         per_task: dict[str, list[int]] = {}
         for msgs, task, text in zip(gen.prompts, gen.tasks, texts):
@@ -438,14 +450,16 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
             out.update(_evaluate(steps, trainable, frozen, eval_batches, mesh))
         if gen is not None and gen.prompts:
             limit = 0 if gen.tasks[0] is not None else int(cfg.eval.num_generations)
-            texts = _generations(gen, trainable, frozen, model_config, lora_cfg, int(cfg.eval.max_new_tokens), limit)
-            gm, lines = _generation_report(gen, texts, int(cfg.eval.num_generations))
+            texts, ids, finish = _generations(gen, trainable, frozen, model_config, lora_cfg,
+                                              int(cfg.eval.max_new_tokens), limit)
+            gm, lines = _generation_report(gen, texts, ids, finish, int(cfg.eval.num_generations))
             out.update(gm)
             out["_lines"] = lines
         lines = out.pop("_lines", [])
         if out:
             mw.write_eval(step, {k: v for k, v in out.items() if k != "tokens"})
-            desc = ", ".join(f"{k} {v:.4f}" for k, v in out.items() if k in ("loss", "accuracy", "exact_match"))
+            desc = ", ".join(f"{k} {v:.4f}" for k, v in out.items()
+                             if k in ("loss", "accuracy", "exact_match", "stop_rate"))
             mw.print(f"eval ({label}, step {step}): {desc}")
         for ln in lines:
             mw.print(ln)

@@ -147,3 +147,17 @@ def test_cli_compare_workdir_with_hf_dir(lora_run, tmp_path, repo_dir, capsys):
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "bad.jsonl" in p.stderr and "Traceback" not in p.stderr, p.stderr[-800:]
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_trainer_reports_the_same_generation_metrics():
+    from sft_jax import train
+
+    setup = train._GenSetup(tokenizer=None, template="", stop_ids=[2], answers=["a b", "c", "d"],
+                            prompts=[[{"role": "user", "content": q}] for q in ("q1", "q2", "q3")],
+                            tasks=[None] * 3, tools=[None] * 3)
+    texts, ids, finish = ["a b.", "x", "d"], [[5, 6], [7] * 6, [8]], ["stop", "length", "stop"]
+    metrics, lines = train._generation_report(setup, texts, ids, finish, show=1)
+    want = eval_lib.generation_metrics(texts, ids, finish, setup.answers)
+    want.pop("generations")
+    assert metrics == want and metrics["stop_rate"] == pytest.approx(2 / 3)
+    assert lines[0].startswith("generations (3): stop rate 66.7%, ROUGE-L") and "user: q1" in lines[1]
