@@ -117,3 +117,26 @@ def test_two_real_trainers_on_one_workdir(tmp_path):
     steps = [r["step"] for r in _metrics(wd) if "loss" in r]
     assert steps == list(range(1, len(steps) + 1))
     assert not (wd / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_multihost_pair_is_refused_on_every_process(tmp_path):
+    """Two processes (launch/local_multiprocess.sh) on a locked work directory: process 0 holds the
+    lock decision and every process exits 1 with the holder's line, none waits in a collective."""
+    from test_multihost import _logs, _pair_popen
+
+    wd = tmp_path / "run"
+    holder = _holder(wd)
+    try:
+        pair, log_dir = _pair_popen(tmp_path, wd, steps=2)
+        out, _ = pair.communicate(timeout=300)
+        logs = _logs(log_dir)
+        assert pair.returncode == 1, out[-3000:] + logs
+        errors = [[ln for ln in (log_dir / f"process_{i}.log").read_text().splitlines() if ln.startswith("error:")]
+                  for i in (0, 1)]
+        assert len(errors[0]) == 1 and "in use by another training run" in errors[0][0], logs
+        assert f"pid {holder.pid}" in errors[0][0], logs
+        assert errors[1] == [f"error: process 0 could not lock the work directory {wd}"], logs
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
