@@ -199,10 +199,13 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
     """Train according to `cfg` in `workdir`; returns a summary dict (final metrics).
 
     The work directory is locked for the whole run (`sft_jax.workdir_lock`, taken by process 0;
-    every process agrees on the outcome): a second run on it raises `WorkdirLocked`."""
+    every process agrees on the outcome): a second run on it raises `WorkdirLocked`. The config is
+    validated first, so a bad one touches nothing."""
     from sft_jax import distributed
+    from sft_jax.config import validate
     from sft_jax.workdir_lock import WorkdirLock, WorkdirLocked
 
+    validate(cfg)
     lock, refusal = None, ""
     if distributed.is_main():
         try:
@@ -229,13 +232,12 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
     from sft_jax import lora as lora_lib
     from sft_jax import metrics as metrics_lib
     from sft_jax import optim, sharding, workdir as workdir_lib
-    from sft_jax.config import ConfigError, validate
+    from sft_jax.config import ConfigError
     from sft_jax.data import pipeline, templates
     from sft_jax.models import hf_io, llama
     from sft_jax.models.config import ModelConfig
     from sft_jax.train_step import StepOptions, make_train_step
 
-    validate(cfg)
     if cfg.model.init == "pretrained" and not cfg.model.path:
         raise ConfigError(
             "model.path is empty: this config fine-tunes a pretrained model. Pass "
