@@ -21,7 +21,6 @@ process 0 only (`train.run` decides and broadcasts the outcome).
 from __future__ import annotations
 
 import datetime
-import errno
 import fcntl
 import json
 import logging
@@ -85,19 +84,23 @@ class WorkdirLock:
         self._fd: int | None = None
         self._acquire()
 
+    def _in_use(self, holder: dict) -> WorkdirLocked:
+        return WorkdirLocked(f"work directory {os.path.dirname(self.path)} is in use by another training run "
+                             f"({_describe(holder)}); wait for it to finish or use another --workdir")
+
     def _open_locked(self) -> int:
         """Open the lock file and flock it; retries when the file was replaced meanwhile."""
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = _read_holder(fd) if e.errno in (errno.EAGAIN, errno.EACCES) else {}
+            except BlockingIOError:
+                holder = _read_holder(fd)
                 os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise WorkdirLocked(f"work directory {os.path.dirname(self.path)} is in use by another training run "
-                                    f"({_describe(holder)}); wait for it to finish or use another --workdir") from None
+                raise self._in_use(holder) from None
+            except OSError:
+                os.close(fd)
+                raise
             try:  # the previous holder unlinks the file on release: make sure we hold the file at the path
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -121,8 +124,7 @@ class WorkdirLock:
                                     f"({_describe(old)}); if that run is gone, delete {self.path}")
             if pid > 0 and pid != os.getpid() and _alive(pid, str(old.get("pid_start", ""))):
                 os.close(fd)
-                raise WorkdirLocked(f"work directory {os.path.dirname(self.path)} is in use by another training run "
-                                    f"({_describe(old)}); wait for it to finish or use another --workdir")
+                raise self._in_use(old)
             if pid != os.getpid():
                 log.warning("taking over the stale lock %s of a process that is gone (%s)", self.path, _describe(old))
         os.ftruncate(fd, 0)
