@@ -1,0 +1,42 @@
+"""Full fine-tuning: every base weight is trained.
+
+trainable = the whole params tree (float32), frozen = {}; the hooks are the identity; the merge is
+the trained tree itself (cast back to the base dtype by the exporter). PEFT has no adapter format
+for it (export `--format=merged`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from sft_jax.peft.base import Method, Params, as_float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(Method):
+    name: ClassVar[str] = "full"
+    trains_base: ClassVar[bool] = True
+    needs_base_weights: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, peft_cfg) -> "Full":
+        return cls()
+
+    def describe(self) -> str:
+        return "full fine-tuning"
+
+    def frozen_base(self, params: Params, model_config, rng) -> Params:
+        return {}
+
+    def init_trainable(self, params: Params, frozen: Params, model_config, rng) -> Params:
+        return as_float32(params)
+
+    def variables(self, trainable: Params, frozen: Params) -> dict[str, Params]:
+        return {"params": trainable}
+
+    def trainable_axes(self, trainable: Params, param_axes: Params) -> Params:
+        return param_axes
+
+    def merge(self, trainable: Params, frozen: Params, model_config) -> Params:
+        return trainable
