@@ -35,10 +35,11 @@ def get_config():
     c.train.warmup_steps = 20
     c.train.weight_decay = 0.0
 
-    c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.lora.dropout = 0.05
-    c.lora.targets = "all-linear"
+    c.peft.method = "lora"
+    c.peft.lora.rank = 16
+    c.peft.lora.alpha = 32.0
+    c.peft.lora.dropout = 0.05
+    c.peft.lora.targets = "all-linear"
 
     c.neftune.alpha = 5.0
 

@@ -48,7 +48,7 @@ def get_config():
     c.train.weight_decay = 0.1
     c.train.grad_clip = 1.0
 
-    c.lora.rank = 0  # full fine-tuning, as in the paper
+    c.peft.method = "full"  # full fine-tuning, as in the paper
 
     c.checkpoint.every_steps = 100
     c.checkpoint.keep = 2

@@ -16,10 +16,11 @@ _lima = _mod.get_config
 
 def get_config():
     c = _lima()
-    c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.lora.dropout = 0.05
-    c.lora.targets = "all-linear"
+    c.peft.method = "lora"
+    c.peft.lora.rank = 16
+    c.peft.lora.alpha = 32.0
+    c.peft.lora.dropout = 0.05
+    c.peft.lora.targets = "all-linear"
     c.train.lr = 2e-4
     c.train.end_lr = 2e-5
     c.model.param_dtype = "bfloat16"  # the frozen base may be bf16; LoRA and optimizer stay f32

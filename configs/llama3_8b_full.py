@@ -46,7 +46,7 @@ def get_config():
     c.train.grad_clip = 1.0
     c.train.loss_chunk_size = 1024
 
-    c.lora.rank = 0
+    c.peft.method = "full"
 
     c.mesh.data = 1
     c.mesh.fsdp = -1

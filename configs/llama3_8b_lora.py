@@ -48,10 +48,11 @@ def get_config():
     c.train.grad_clip = 1.0
     c.train.loss_chunk_size = 1024
 
-    c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.lora.dropout = 0.05
-    c.lora.targets = "all-linear"
+    c.peft.method = "lora"
+    c.peft.lora.rank = 16
+    c.peft.lora.alpha = 32.0
+    c.peft.lora.dropout = 0.05
+    c.peft.lora.targets = "all-linear"
 
     c.mesh.data = 1
     c.mesh.fsdp = -1

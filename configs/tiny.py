@@ -38,7 +38,7 @@ def get_config():
     c.train.b2 = 0.98
     c.train.grad_clip = 1.0
 
-    c.lora.rank = 0  # a randomly initialised model is trained fully
+    c.peft.method = "full"  # a randomly initialised model is trained fully
 
     c.checkpoint.every_steps = 300
     c.checkpoint.keep = 2

@@ -25,6 +25,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("flash", "dense", "pallas"),
+    "model.kernels": ("auto", "reference", "cpu"),
+    "peft.method": ("full", "lora"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
 }
@@ -43,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.model.attention = "flash"  # training-path attention: flash (block-sparse) | dense (reference) | pallas (GPU kernel)
     c.model.attention_block = 0  # flash block size; 0 = auto
+    c.model.kernels = "auto"  # op implementations (sft_jax/kernels): auto | reference | cpu
     # Used only when model.path is empty: a small Llama built by the project.
     c.model.tiny = ml_collections.ConfigDict()
     c.model.tiny.hidden_size = 128
@@ -107,13 +110,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.loss_chunk_size = 0  # >0: chunked cross-entropy over the sequence (large vocabularies)
     c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = from the device-kind table
 
-    # ----------------------------------------------------------------- lora
-    c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 0  # 0 = full fine-tuning
-    c.lora.alpha = 16.0
-    c.lora.dropout = 0.0
-    c.lora.rslora = False
-    c.lora.targets = "all-linear"  # "all-linear", a comma list (q_proj,v_proj) or a regex over module paths
+    # ----------------------------------------------------------------- peft
+    # The fine-tuning method (sft_jax/peft: one module per method) and one sub-section per method.
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = "full"
+    c.peft.lora = ml_collections.ConfigDict()
+    c.peft.lora.rank = 16
+    c.peft.lora.alpha = 16.0
+    c.peft.lora.dropout = 0.0
+    c.peft.lora.rslora = False  # rsLoRA: scale alpha / sqrt(rank) instead of alpha / rank
+    c.peft.lora.targets = "all-linear"  # "all-linear", a comma list (q_proj,v_proj) or a regex over module paths
 
     # -------------------------------------------------------------- neftune
     c.neftune = ml_collections.ConfigDict()
@@ -232,8 +238,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"train.batch_size={given['train.batch_size']} is not divisible by "
                 f"train.micro_batches={given['train.micro_batches']}"
             )
-        if given["lora.rank"] < 0:
-            problems.append("config field 'lora.rank' must be >= 0 (0 = full fine-tuning)")
+        if given["peft.lora.rank"] <= 0:
+            problems.append(f"config field 'peft.lora.rank' must be > 0, got {given['peft.lora.rank']}")
+        if not 0.0 <= given["peft.lora.dropout"] < 1.0:
+            problems.append(f"config field 'peft.lora.dropout' must be in [0, 1), got {given['peft.lora.dropout']}")
         if given["train.steps"] <= 0 and given["train.epochs"] <= 0:
             problems.append("set train.steps > 0 or train.epochs > 0")
         if not 0.0 <= given["data.max_skip_fraction"] <= 1.0:

@@ -3,13 +3,15 @@
     python -m sft_jax.export --workdir=DIR [--step=N] --out=DIR --format=merged|peft [--dtype=bfloat16|float32]
     python -m sft_jax.export --workdir=DIR [--step=N] --out=DIR --format=gguf [--dtype=f16|bf16|q8_0|f32]
 
-* `merged`: the LoRA update merged into the base (`lora.merge`; full fine-tuning: the trained
-  weights), written by `save_hf` (config.json of the original family, safetensors sharded with an
+* `merged`: plain weights from the run's fine-tuning method (`Method.merge`: e.g. LoRA's update
+  merged into the base; full fine-tuning: the trained weights; a method that cannot be merged
+  says why), written by `save_hf` (config.json of the original family, safetensors sharded with an
   index above --max_shard_mb), plus the run's tokenizer files (with the chat template used in
   training) and a `generation_config.json` whose `eos_token_id` lists the end-of-turn token and
   EOS, so `model.generate` stops where the fine-tuned model learnt to.
-* `peft`: `adapter_config.json` + `adapter_model.safetensors` (`PeftModel.from_pretrained(base,
-  DIR)`), plus the tokenizer files (the training tokenizer may carry added template tokens).
+* `peft`: the method's PEFT adapter (`Method.save_peft`: `adapter_config.json` +
+  `adapter_model.safetensors`, `PeftModel.from_pretrained(base, DIR)`), plus the tokenizer files
+  (the training tokenizer may carry added template tokens); methods PEFT does not have say so.
 * `gguf`: `DIR/model-<dtype>.gguf` for llama.cpp / Ollama / transformers (`gguf_file=`): the merged
   export (float32, in a temporary directory) converted by `sft_jax.gguf_export.write_gguf`, with the
   tokenizer, special tokens and chat template in its metadata (default dtype f16).
@@ -49,19 +51,19 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def run_cli(main_fn, argv, prog: str) -> int:
     """Run `main_fn(argv)`; UsageError and the project's known errors -> one line + exit 2."""
-    from sft_jax.peft_io import PeftFormatError
     from sft_jax.workdir import WorkdirError
 
-    known: tuple = (UsageError, WorkdirError, PeftFormatError, TargetExistsError, FileNotFoundError,
-                    NotADirectoryError)
+    known: tuple = (UsageError, WorkdirError, TargetExistsError, FileNotFoundError, NotADirectoryError)
     try:
         return int(main_fn(argv) or 0)
     except Exception as e:  # noqa: BLE001 - only the known kinds are reported as one line
-        mc = sys.modules.get("sft_jax.models.config")  # not imported here: it pulls in jax
+        mc = sys.modules.get("sft_jax.models.config")  # not imported here: they pull in jax
         hf = sys.modules.get("sft_jax.models.hf_io")
         gg = sys.modules.get("sft_jax.gguf_export")
+        pb = sys.modules.get("sft_jax.peft.base")
         kinds = known + ((mc.UnsupportedModelError,) if mc else ()) + ((hf.CheckpointMismatchError,) if hf else ())
         kinds += (gg.GGUFExportError,) if gg else ()
+        kinds += (pb.PeftFormatError, pb.NotMergeable, pb.MethodConfigError) if pb else ()
         if not isinstance(e, kinds):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
@@ -117,10 +119,9 @@ def export_merged(run, out: str, *, dtype: str = "float32", max_shard_bytes: int
 
 
 def export_peft(run, out: str, *, dtype: str = "float32") -> list[str]:
-    """Write a peft adapter directory for a loaded LoRA `Run`; returns the adapted module names."""
-    from sft_jax.peft_io import save_peft_adapter
-    modules = save_peft_adapter(out, run.trainable, run.lora_cfg, run.model_config,
-                                base_model_name_or_path=run.base_model, dtype=dtype)
+    """Write the PEFT adapter directory of a loaded `Run`; returns the adapted module names."""
+    modules = run.method.save_peft(out, run.trainable, run.frozen, run.model_config,
+                                   base_model_name_or_path=run.base_model, dtype=dtype)
     copy_tokenizer(run.tokenizer_path, out)
     return modules
 
@@ -153,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     from sft_jax.workdir import check_workdir
 
     run_json, step, _ = check_workdir(args.workdir, args.step)  # cheap checks before jax loads
-    if args.format == "peft" and int(run_json["lora"].get("rank", 0)) <= 0:
-        raise UsageError("this run is full fine-tuning (lora.rank = 0): there is no adapter; use --format=merged")
     dtype = args.dtype or ("f16" if args.format == "gguf" else run_json["model"].get("param_dtype", "float32"))
 
     from sft_jax.workdir import load_run
@@ -173,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{os.path.join(args.out, os.path.basename(s.path))} ({dtype}{fallback})")
         else:
             modules = export_peft(run, tmp, dtype=dtype)
-            done = (f"wrote peft LoRA adapter of step {run.step} to {args.out} (r={run.lora_cfg.rank}, "
-                    f"alpha={run.lora_cfg.alpha}, rslora={run.lora_cfg.rslora}, {len(modules)} modules, {dtype})")
+            done = (f"wrote peft adapter of step {run.step} to {args.out} ({run.method.describe()}, "
+                    f"{len(modules)} modules, {dtype})")
     print(done)
     return 0
 

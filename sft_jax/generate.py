@@ -37,15 +37,16 @@ PROG = "python -m sft_jax.generate"
 
 @dataclasses.dataclass
 class Generator:
-    """A model ready to generate: params (+ optional unmerged LoRA), tokenizer, template, stop ids."""
+    """A model ready to generate: params (+ optional fine-tuning method and its variables, unmerged),
+    tokenizer, template, stop ids."""
 
     config: Any
     params: dict
     tokenizer: Any = None
     template: str | None = None  # jinja source; None = no chat template
     eos_ids: list[int] = dataclasses.field(default_factory=list)
-    lora: dict | None = None
-    lora_scale: float = 1.0
+    method: Any = None  # a sft_jax.peft Method (its hooks), None = plain params
+    method_vars: dict | None = None  # the method's variable collections (Method.model_inputs)
     name: str = ""
     mesh: Any = None  # a jax Mesh: decode tensor-parallel over it (sharding.tensor_parallel_mesh)
 
@@ -92,7 +93,7 @@ class Generator:
 
         outs = generate(self.params, self.config, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
                         eos_ids=self.eos_ids, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        lora=self.lora, lora_scale=self.lora_scale, keep_eos=True, mesh=self.mesh)
+                        method=self.method, method_vars=self.method_vars, keep_eos=True, mesh=self.mesh)
         eos = set(self.eos_ids)
         res = []
         for o in outs:
@@ -167,16 +168,15 @@ def load_model_dir(path: str, *, param_dtype: str = "float32", dtype: str = "flo
 
 def load_workdir(workdir: str, step: int | None = None, *, param_dtype: str | None = None,
                  dtype: str | None = None) -> Generator:
-    """A trained run: its base + unmerged LoRA (or full weights), its tokenizer, template and stop ids."""
+    """A trained run: its base and trained tree through its method (unmerged), its tokenizer,
+    template and stop ids."""
     from sft_jax.workdir import load_run
 
     run = load_run(workdir, step, param_dtype=param_dtype, dtype=dtype)
-    if run.is_lora:
-        params, lora, scale = run.frozen_params, run.trainable, run.lora_scale
-    else:
-        params, lora, scale = run.trainable, None, 1.0
+    params, method_vars = run.method.model_inputs(run.trainable, run.frozen)
     return Generator(config=run.model_config, params=params, tokenizer=run.tokenizer, template=run.chat_template(),
-                     eos_ids=list(run.eos_ids), lora=lora, lora_scale=scale, name=f"{workdir}@{run.step}")
+                     eos_ids=list(run.eos_ids), method=run.method, method_vars=method_vars,
+                     name=f"{workdir}@{run.step}")
 
 
 # -------------------------------------------------------------------------------- CLI

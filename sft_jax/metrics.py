@@ -41,10 +41,10 @@ def model_flops_per_token(
     n_layers: int,
     seq_len: int,
     hidden: int,
-    lora: bool = False,
+    frozen_base: bool = False,
     *,
     n_lookup_params: int = 0,
-    n_lora_params: int = 0,
+    n_trainable_params: int = 0,
 ) -> float:
     """Training FLOPs per token (forward + backward), the numerator of MFU.
 
@@ -57,9 +57,10 @@ def model_flops_per_token(
       full fine-tuning:  6·N + 12·L·d·T
           forward 2·N (a multiply-add per weight); backward 4·N (activation gradients
           2·N + weight gradients 2·N).
-      LoRA:              4·N + 6·N_lora + 12·L·d·T
+      frozen base (`frozen_base`: LoRA and the other adapter methods):
+                         4·N + 6·N_trainable + 12·L·d·T
           the frozen base gets activation gradients (2·N) but no weight gradients, so
-          2·N + 2·N; the adapters (`n_lora_params`) are ordinary trained weights (6·N_lora).
+          2·N + 2·N; the method's weights (`n_trainable_params`) are ordinary trained weights.
       attention (both):  12·L·d·T
           per layer and token, Q·Kᵀ and P·V are 2·T·d multiply-adds each = 4·T·d FLOPs
           forward; backward is twice that (gradients to both operands, none are weights).
@@ -71,8 +72,8 @@ def model_flops_per_token(
     """
     n = float(n_params_total - n_lookup_params)
     attention = 12.0 * n_layers * hidden * seq_len
-    if lora:
-        return 4.0 * n + 6.0 * float(n_lora_params) + attention
+    if frozen_base:
+        return 4.0 * n + 6.0 * float(n_trainable_params) + attention
     return 6.0 * n + attention
 
 

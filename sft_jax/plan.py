@@ -177,8 +177,8 @@ def build_plan(cfg, target: str, *, model_config: str | None = None, config_file
     import jax
     import jax.numpy as jnp
 
-    from sft_jax import lora as lora_lib
     from sft_jax import metrics as metrics_lib
+    from sft_jax import peft
     from sft_jax import optim, sharding
     from sft_jax.config import validate
     from sft_jax.models import llama
@@ -199,18 +199,13 @@ def build_plan(cfg, target: str, *, model_config: str | None = None, config_file
     mesh = sharding.make_mesh(cfg.mesh)
     axes = llama.param_logical_axes(mc)
     params = llama.abstract_params(mc)  # ShapeDtypeStructs in param_dtype: nothing allocated
-    lcfg = lora_lib.LoraConfig.from_cfg(cfg.lora)
-    if lcfg.enabled:
-        frozen = params
-        trainable = jax.eval_shape(lambda p: lora_lib.init_lora(p, lcfg, jax.random.PRNGKey(0)), params)
-    else:
-        frozen = {}
-        trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+    method = peft.from_config(cfg.peft)
+    trainable, frozen = jax.eval_shape(lambda p: method.init(p, mc, jax.random.PRNGKey(0)), params)
     total_steps = int(cfg.train.steps) if cfg.train.steps > 0 else 1000
     optimizer, schedule = optim.make_optimizer(cfg.train, total_steps)
     B, T = int(cfg.train.batch_size), int(cfg.data.max_length)
     steps = make_train_step(mc, mesh, trainable=trainable, frozen=frozen, optimizer=optimizer, schedule=schedule,
-                            lora_cfg=lcfg, opts=StepOptions.from_cfg(cfg), batch_size=B, param_logical_axes=axes)
+                            method=method, opts=StepOptions.from_cfg(cfg), batch_size=B, param_logical_axes=axes)
     tr = _with_sharding(trainable, steps.shardings.trainable)
     fr = _with_sharding(frozen, steps.shardings.frozen) if frozen else {}
     opt = _with_sharding(jax.eval_shape(optimizer.init, trainable), steps.shardings.opt_state)
@@ -236,11 +231,12 @@ def build_plan(cfg, target: str, *, model_config: str | None = None, config_file
     state = {"frozen_params": _bytes_per_device(fr), "trainable_params": _bytes_per_device(tr),
              "optimizer_state": _bytes_per_device(opt), "batch": _bytes_per_device(batch)}
 
-    n_total = _count(frozen) if lcfg.enabled else _count(trainable)
-    n_trainable = _count(trainable)
+    n_total = _count(params)
+    n_trainable = method.count_trainable(trainable)
     n_lookup = mc.vocab_size * mc.hidden_size if not mc.tie_embeddings else 0
-    fpt = metrics_lib.model_flops_per_token(n_total, mc.num_layers, T, mc.hidden_size, lora=lcfg.enabled,
-                                            n_lookup_params=n_lookup, n_lora_params=n_trainable if lcfg.enabled else 0)
+    fpt = metrics_lib.model_flops_per_token(n_total, mc.num_layers, T, mc.hidden_size,
+                                            frozen_base=not method.trains_base, n_lookup_params=n_lookup,
+                                            n_trainable_params=0 if method.trains_base else n_trainable)
     analytical_step = fpt * B * T
     xla = _cost_flops(compiled)
     ideal_s = analytical_step / (n * peak)
@@ -252,7 +248,7 @@ def build_plan(cfg, target: str, *, model_config: str | None = None, config_file
         "model": {"params": n_total, "trainable_params": n_trainable, "layers": mc.num_layers,
                   "hidden": mc.hidden_size, "vocab": mc.vocab_size, "param_dtype": mc.param_dtype,
                   "dtype": mc.dtype, "scan_layers": mc.scan_layers, "remat": mc.remat},
-        "run": {"mode": f"LoRA r={lcfg.rank}" if lcfg.enabled else "full fine-tuning", "batch_size": B,
+        "run": {"mode": method.describe(), "method": method.run_config(), "batch_size": B,
                 "max_length": T, "micro_batches": int(cfg.train.micro_batches),
                 "loss_chunk_size": int(cfg.train.loss_chunk_size), "mesh": dict(mesh.shape),
                 "tokens_per_step": B * T},
@@ -263,13 +259,13 @@ def build_plan(cfg, target: str, *, model_config: str | None = None, config_file
             "analytical_per_step": analytical_step,
             "analytical_per_step_per_device": analytical_step / n,
             "xla_per_step_per_device": xla,
-            "formula": "LoRA: 4N + 6N_lora + 12LdT; full: 6N + 12LdT (N without the input embedding)",
+            "formula": "frozen base: 4N + 6N_trainable + 12LdT; full: 6N + 12LdT (N without the input embedding)",
             "ideal_step_time_s": ideal_s,
             "step_time_s_at_40pct_mfu": ideal_s / 0.4,
         },
         "fits": bool(fits),
         "headroom_bytes": int(usable - mem["peak"]),
-        "suggestions": [] if fits else suggest(cfg, mc, mesh, mem, state, usable, lcfg.enabled),
+        "suggestions": [] if fits else suggest(cfg, mc, mesh, mem, state, usable, method.trains_base),
         "timing_s": {"lower": t1 - t0, "compile": t2 - t1},
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "caveat": "memory from XLA's CPU compiler for the target's device count: arguments/outputs are "
@@ -281,7 +277,7 @@ def build_plan(cfg, target: str, *, model_config: str | None = None, config_file
     return plan
 
 
-def suggest(cfg, mc, mesh, mem, state, usable, lora: bool) -> list[str]:
+def suggest(cfg, mc, mesh, mem, state, usable, trains_base: bool) -> list[str]:
     """What to change when the plan does not fit (most effective first)."""
     s = dict(mesh.shape)
     n = math.prod(s.values())
@@ -313,8 +309,8 @@ def suggest(cfg, mc, mesh, mem, state, usable, lora: bool) -> list[str]:
     elif T > 1024:
         out.append(f"--config.data.max_length={T // 2} --config.train.batch_size={B * 2} "
                    f"--config.train.micro_batches={m * 2}: shorter rows, same tokens per step")
-    if not lora:
-        out.append("--config.lora.rank=16 (LoRA): no gradients/optimizer state for the base, bf16 base weights")
+    if trains_base:
+        out.append("--config.peft.method=lora: no gradients/optimizer state for the base, bf16 base weights")
     elif cfg.model.param_dtype == "float32":
         out.append("--config.model.param_dtype=bfloat16: halve the frozen base")
     out.append("or a target with more devices / more HBM per device")

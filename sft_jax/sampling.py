@@ -62,25 +62,25 @@ def mesh_rules(mesh):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "lora_scale", "mesh"),
+    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "method", "mesh"),
 )
-def _generate_jit(params, lora, ids, lengths, eos_ids, key, *, config, max_new_tokens, temperature, top_k,
-                  top_p, lora_scale, mesh=None):
+def _generate_jit(params, method_vars, ids, lengths, eos_ids, key, *, config, max_new_tokens, temperature, top_k,
+                  top_p, method, mesh=None):
     with mesh_rules(mesh):
-        return _generate_body(params, lora, ids, lengths, eos_ids, key, config=config,
+        return _generate_body(params, method_vars, ids, lengths, eos_ids, key, config=config,
                               max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              lora_scale=lora_scale)
+                              method=method)
 
 
-def _generate_body(params, lora, ids, lengths, eos_ids, key, *, config, max_new_tokens, temperature, top_k,
-                   top_p, lora_scale):
+def _generate_body(params, method_vars, ids, lengths, eos_ids, key, *, config, max_new_tokens, temperature, top_k,
+                   top_p, method):
     b, p = ids.shape
     cache = llama.init_cache(config, b, p + max_new_tokens)
     ar = jnp.arange(p, dtype=jnp.int32)[None, :]
     seg = (ar < lengths[:, None]).astype(jnp.int32)
     positions = jnp.where(seg > 0, ar, 0)
-    logits, cache = llama.forward_with_cache(params, config, ids, positions, cache, segment_ids=seg, lora=lora,
-                                             lora_scale=lora_scale)
+    logits, cache = llama.forward_with_cache(params, config, ids, positions, cache, segment_ids=seg, method=method,
+                                             method_vars=method_vars)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0, :]
     key, sub = jax.random.split(key)
     tok = _sample(last, sub, temperature, top_k, top_p)
@@ -100,7 +100,8 @@ def _generate_body(params, lora, ids, lengths, eos_ids, key, *, config, max_new_
         done = jnp.logical_or(done, is_eos(tok))
         pos = (lengths + i)[:, None]
         logits, cache = llama.forward_with_cache(params, config, tok[:, None], pos, cache,
-                                                 segment_ids=jnp.ones_like(pos), lora=lora, lora_scale=lora_scale)
+                                                 segment_ids=jnp.ones_like(pos), method=method,
+                                                 method_vars=method_vars)
         key, sub = jax.random.split(key)
         nxt = _sample(logits[:, 0, :], sub, temperature, top_k, top_p)
         return i + 1, nxt, out, done, cache, key
@@ -122,11 +123,13 @@ def _trim(row: np.ndarray, n: int, eos: set[int], keep_eos: bool) -> list[int]:
 
 def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, lora=None, lora_scale: float = 1.0, keep_eos: bool = False,
+             seed: int = 0, method=None, method_vars=None, keep_eos: bool = False,
              mesh=None) -> list[list[int]]:
     """New tokens for each prompt (stopping at the first end token, which is dropped unless
-    `keep_eos`). Prompts may differ in length; all rows decode together. `mesh`: decode with the
-    weights tensor-parallel over it (`sharding.shard_params`; already placed params stay put)."""
+    `keep_eos`). Prompts may differ in length; all rows decode together. `method`/`method_vars`: a
+    fine-tuning method's hooks and variables (`Method.model_inputs`), None for plain params.
+    `mesh`: decode with the weights tensor-parallel over it (`sharding.shard_params`; already placed
+    params stay put)."""
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
@@ -141,12 +144,12 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], *, m
     eos = sorted({int(e) for e in eos_ids}) or [-1]
     if mesh is not None:
         params = sharding.shard_params(params, config, mesh)
-        if lora is not None:
-            lora = jax.device_put(lora, sharding.replicated(mesh))
+        if method_vars:
+            method_vars = jax.device_put(method_vars, sharding.replicated(mesh))
     out, n = _generate_jit(
-        params, lora, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(eos, jnp.int32),
+        params, method_vars, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(eos, jnp.int32),
         jax.random.PRNGKey(seed), config=config, max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), lora_scale=float(lora_scale),
+        temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), method=method,
         mesh=mesh,
     )
     out = np.asarray(out)
@@ -155,10 +158,10 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]], *, m
 
 
 def generate_no_cache(params, config: ModelConfig, prompt: Sequence[int], *, max_new_tokens: int,
-                      eos_ids: Sequence[int] = (), lora=None, lora_scale: float = 1.0) -> list[int]:
+                      eos_ids: Sequence[int] = (), method=None, method_vars=None) -> list[int]:
     """Greedy reference by full recomputation (slow; for tests)."""
     total = _bucket(len(prompt) + max_new_tokens)
-    fwd = jax.jit(lambda prm, lo, x, pos, seg: llama.forward(prm, config, x, pos, seg, lora=lo, lora_scale=lora_scale))
+    fwd = jax.jit(lambda prm, mv, x, pos, seg: llama.forward(prm, config, x, pos, seg, method=method, method_vars=mv))
     seq = list(prompt)
     out: list[int] = []
     eos = {int(e) for e in eos_ids}
@@ -168,7 +171,7 @@ def generate_no_cache(params, config: ModelConfig, prompt: Sequence[int], *, max
         x[0, : len(seq)] = seq
         seg[0, : len(seq)] = 1
         pos = np.where(seg > 0, np.arange(total)[None, :], 0).astype(np.int32)
-        logits = fwd(params, lora, jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg))
+        logits = fwd(params, method_vars, jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg))
         t = int(np.argmax(np.asarray(logits[0, len(seq) - 1])))
         if t in eos:
             break

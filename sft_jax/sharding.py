@@ -143,7 +143,7 @@ def logical_to_spec(axes: tuple, rules=LOGICAL_RULES, shape=None, mesh: Mesh | N
 
 def logical_shardings(logical_tree, mesh: Mesh, shapes=None, rules=LOGICAL_RULES):
     """Tree of NamedSharding from a tree of logical-axis tuples (the model's `param_logical_axes`
-    or `lora.lora_logical_axes`). `shapes`: the matching tree of arrays / ShapeDtypeStructs."""
+    or a method's `trainable_axes`). `shapes`: the matching tree of arrays / ShapeDtypeStructs."""
     if shapes is None:
         return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, rules)), logical_tree, is_leaf=_is_axes)
     return jax.tree.map(

@@ -42,7 +42,8 @@ def _setup_compilation_cache() -> None:
 
 def _model_policy(cfg) -> dict:
     return dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
-                remat=cfg.model.remat, attention=cfg.model.attention, attention_block=cfg.model.attention_block)
+                remat=cfg.model.remat, attention=cfg.model.attention, attention_block=cfg.model.attention_block,
+                kernels=cfg.model.kernels)
 
 
 def _prepare_tiny(cfg, workdir: pathlib.Path, is_main: bool):
@@ -99,12 +100,6 @@ def _save_base(base_dir: pathlib.Path, model_config, params, tokenizer, is_main:
         tokenizer.save_pretrained(str(base_dir))
 
 
-def _count(tree) -> int:
-    import jax
-
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def _to_host(tree):
     import jax
 
@@ -151,16 +146,16 @@ def _prompt_ids(tokenizer, template: str, messages, tools=None) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _generations(gen: _GenSetup, trainable, frozen, model_config, lora_cfg, max_new_tokens: int, limit: int):
+def _generations(gen: _GenSetup, trainable, frozen, model_config, method, max_new_tokens: int, limit: int):
     """Greedy generations of the first `limit` prompts (0 = all) -> (texts, ids, finish reasons), the
     ids without their stop token and the reason "stop" (ended on a stop id) or "length" (hit the cap)."""
     from sft_jax import sampling
 
     n = len(gen.prompts) if limit <= 0 else min(limit, len(gen.prompts))
     prompts = [_prompt_ids(gen.tokenizer, gen.template, m, t) for m, t in zip(gen.prompts[:n], gen.tools[:n])]
-    params, lora = (frozen, trainable) if lora_cfg.enabled else (trainable, None)
+    params, method_vars = method.model_inputs(trainable, frozen)
     outs = sampling.generate(params, model_config, prompts, max_new_tokens=max_new_tokens, eos_ids=gen.stop_ids,
-                             lora=lora, lora_scale=lora_cfg.scale if lora_cfg.enabled else 1.0, keep_eos=True)
+                             method=method, method_vars=method_vars, keep_eos=True)
     stop = set(gen.stop_ids)
     finish = ["stop" if o and o[-1] in stop else "length" for o in outs]
     ids = [o[:-1] if why == "stop" else o for o, why in zip(outs, finish)]
@@ -229,8 +224,9 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
 
     from sft_jax import checkpoint as ckpt_lib
     from sft_jax import distributed
-    from sft_jax import lora as lora_lib
+    from sft_jax import kernels as kernels_lib
     from sft_jax import metrics as metrics_lib
+    from sft_jax import peft
     from sft_jax import optim, sharding, workdir as workdir_lib
     from sft_jax.config import ConfigError
     from sft_jax.data import pipeline, templates
@@ -308,16 +304,10 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
     if is_main:
         tokenizer.save_pretrained(str(workdir / "tokenizer"))
 
-    # ---- LoRA or full fine-tuning
-    lora_cfg = lora_lib.LoraConfig.from_cfg(cfg.lora)
+    # ---- the fine-tuning method: its trainable tree (float32) and the frozen tree it trains against
+    method = peft.from_config(cfg.peft)
     rng_init = jax.random.PRNGKey(cfg.train.seed)
-    if lora_cfg.enabled:
-        frozen = params
-        trainable = lora_lib.init_lora(params, lora_cfg, rng_init)
-        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-    else:
-        frozen = {}
-        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), params)  # trainable weights are kept in f32
+    trainable, frozen = method.init(params, model_config, workdir_lib.method_rng(cfg.to_dict()))
     del params
 
     # ---- data
@@ -364,7 +354,7 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
     optimizer, schedule = optim.make_optimizer(cfg.train, total_steps)
     opts = StepOptions.from_cfg(cfg)
     steps = make_train_step(model_config, mesh, trainable=trainable, frozen=frozen, optimizer=optimizer,
-                            schedule=schedule, lora_cfg=lora_cfg, opts=opts, batch_size=global_bs,
+                            schedule=schedule, method=method, opts=opts, batch_size=global_bs,
                             param_logical_axes=axes)
     trainable = jax.device_put(trainable, steps.shardings.trainable)
     frozen = jax.device_put(frozen, steps.shardings.frozen) if frozen else frozen
@@ -382,7 +372,7 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
     if is_main:
         workdir_lib.write_run_json(
             workdir, base_model=base_model, template=template_name,
-            lora_cfg=dataclasses.asdict(lora_cfg), model_policy=_model_policy(cfg), eos_ids=stop_ids,
+            method=method, model_policy=_model_policy(cfg), eos_ids=stop_ids,
             config=cfg.to_dict(),
         )
     if is_main and cfg.checkpoint.resume == "none":  # starting over: the earlier run's checkpoints are kept aside
@@ -423,26 +413,28 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
     rng_base = jax.random.wrap_key_data(state["rng"]) if state["rng"].dtype == jnp.uint32 else state["rng"]
 
     # ---- metrics
-    n_total = _count(frozen) if lora_cfg.enabled else _count(trainable)
+    n_total = peft.count_params(llama.abstract_params(model_config))
+    n_trainable = method.count_trainable(trainable)
     n_lookup = model_config.vocab_size * model_config.hidden_size if not model_config.tie_embeddings else 0
     flops_tok = metrics_lib.model_flops_per_token(
         n_total, model_config.num_layers, int(cfg.data.max_length), model_config.hidden_size,
-        lora=lora_cfg.enabled, n_lookup_params=n_lookup,
-        n_lora_params=_count(trainable) if lora_cfg.enabled else 0,
+        frozen_base=not method.trains_base, n_lookup_params=n_lookup,
+        n_trainable_params=0 if method.trains_base else n_trainable,
     )
+    kernel_info = kernels_lib.describe(model_config)
     # CPUs differ too much for a table: measure a jitted matmul once (accelerators: the device-kind table)
     peak = metrics_lib.peak_flops_per_device(float(cfg.train.peak_flops), dtype=cfg.model.dtype, measure_cpu=True)
     mw = metrics_lib.MetricsWriter(workdir, is_main, total_steps=total_steps,
                                    resume_step=start_step if start_step > 0 else None)
     mw.write_run_info(cfg, extra={
-        "model_params": n_total, "trainable_params": _count(trainable), "total_steps": total_steps,
+        "model_params": n_total, "trainable_params": n_trainable, "total_steps": total_steps,
+        "method": method.run_config(), "kernels": kernel_info,
         "steps_per_epoch": per_epoch, "mesh": dict(mesh.shape), "flops_per_token": flops_tok,
         "peak_flops_per_device": peak, "base_model": base_model,
     })
     mw.print(
         f"sft_jax: {model_config.model_type} {n_total / 1e6:.2f}M params, "
-        f"{'LoRA r=%d' % lora_cfg.rank if lora_cfg.enabled else 'full fine-tuning'} "
-        f"({_count(trainable) / 1e6:.3f}M trainable), mesh {dict(mesh.shape)}, {total_steps} steps"
+        f"{method.describe()} ({n_trainable / 1e6:.3f}M trainable), kernels {kernel_info}, mesh {dict(mesh.shape)}, {total_steps} steps"
         + (f" ({per_epoch}/epoch)" if per_epoch else "") + (f", resuming at step {start_step}" if start_step else "")
     )
 
@@ -452,7 +444,7 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
             out.update(_evaluate(steps, trainable, frozen, eval_batches, mesh))
         if gen is not None and gen.prompts:
             limit = 0 if gen.tasks[0] is not None else int(cfg.eval.num_generations)
-            texts, ids, finish = _generations(gen, trainable, frozen, model_config, lora_cfg,
+            texts, ids, finish = _generations(gen, trainable, frozen, model_config, method,
                                               int(cfg.eval.max_new_tokens), limit)
             gm, lines = _generation_report(gen, texts, ids, finish, int(cfg.eval.num_generations))
             out.update(gm)

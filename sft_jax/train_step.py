@@ -4,9 +4,10 @@
 
     train_step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state, metrics)
 
-- LoRA (`lora.rank > 0`): `trainable` is the adapter tree (`lora.init_lora`), `frozen` the base
-  params; full fine-tuning: `trainable` is the whole params tree (float32), `frozen` is `{}`.
-  Gradients and optimizer state exist for `trainable` only.
+- `trainable` / `frozen` are the fine-tuning method's trees (`sft_jax.peft.base.Method`: e.g. the
+  LoRA adapters and the base params; full fine-tuning: the whole params tree (float32) and `{}`);
+  the model is applied through the method (`Method.variables`). Gradients and optimizer state
+  exist for `trainable` only.
 - Gradient accumulation runs *inside* the step: the [B, T] batch is split into `micro_batches`
   micro-batches (rows m, m+M, m+2M, ... so every micro-batch stays spread over all data-parallel
   devices) and a `lax.scan` sums the gradients of the loss *numerators*; the total is divided by
@@ -30,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sft_jax import lora as lora_lib
 from sft_jax import sharding as sharding_lib
+from sft_jax.peft.base import Method
 from sft_jax.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from sft_jax.neftune import neftune_noise
 from sft_jax.optim import opt_step
@@ -62,13 +63,10 @@ def _llama():
     return llama
 
 
-def _loss_sums(trainable, frozen, batch, *, model_config, lora_cfg, opts, train, rng):
+def _loss_sums(trainable, frozen, batch, *, model_config, method: Method, opts, train, rng):
     """Loss numerators / counts of one (micro-)batch."""
     llama = _llama()
-    if lora_cfg.enabled:
-        params, adapters = frozen, trainable
-    else:
-        params, adapters = trainable, None
+    params, method_vars = method.model_inputs(trainable, frozen)
     noise_rng, dropout_rng = jax.random.split(rng)
     noise = None
     if train and opts.neftune_alpha:
@@ -76,19 +74,16 @@ def _loss_sums(trainable, frozen, batch, *, model_config, lora_cfg, opts, train,
             noise_rng, batch["segment_ids"], model_config.hidden_size, opts.neftune_alpha,
             jnp.dtype(model_config.dtype),
         )
-    kw = {}
-    if adapters is not None:
-        kw = dict(lora=adapters, lora_scale=lora_cfg.scale, lora_dropout=lora_cfg.dropout if train else 0.0)
     out = llama.forward(
         params, model_config, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-        embed_noise=noise, dropout_rng=dropout_rng, deterministic=not train,
-        return_hidden=opts.loss_chunk_size > 0, **kw,
+        method=method, method_vars=method_vars, embed_noise=noise, dropout_rng=dropout_rng,
+        deterministic=not train, return_hidden=opts.loss_chunk_size > 0,
     )
     if opts.loss_chunk_size > 0:
         kernel = llama.lm_head_kernel(params, model_config)
         return chunked_cross_entropy_sums(
             out, kernel, batch["targets"], batch["loss_mask"], chunk_size=opts.loss_chunk_size, z_loss=opts.z_loss,
-            kernel_grad=not lora_cfg.enabled,  # LoRA: the LM head is frozen
+            kernel_grad=method.trains_base,  # a frozen LM head needs no kernel gradient
         )
     return cross_entropy_sums(out, batch["targets"], batch["loss_mask"], z_loss=opts.z_loss)
 
@@ -109,7 +104,7 @@ def split_micro_batches(batch: dict, micro_batches: int) -> dict:
 
 def build_train_step(
     model_config, optimizer: optax.GradientTransformation, schedule: Callable | None,
-    lora_cfg: lora_lib.LoraConfig, opts: StepOptions = StepOptions(),
+    method: Method, opts: StepOptions = StepOptions(),
 ) -> Callable:
     """The pure `train_step(trainable, frozen, opt_state, batch, rng)`; see the module doc.
 
@@ -123,7 +118,7 @@ def build_train_step(
         denom = jnp.maximum(total_tokens, 1.0)
 
         def micro(params, mb, key):
-            sums = _loss_sums(params, frozen, mb, model_config=model_config, lora_cfg=lora_cfg,
+            sums = _loss_sums(params, frozen, mb, model_config=model_config, method=method,
                               opts=opts, train=True, rng=key)
             return sums["loss_sum"] / denom, sums
 
@@ -164,13 +159,13 @@ def build_train_step(
     return step
 
 
-def build_eval_step(model_config, lora_cfg: lora_lib.LoraConfig, opts: StepOptions = StepOptions()) -> Callable:
+def build_eval_step(model_config, method: Method, opts: StepOptions = StepOptions()) -> Callable:
     """`eval_step(trainable, frozen, batch) -> {"loss_sum", "ce_sum", "correct", "tokens"}` (sums over
     the batch; divide totals over the eval set). Deterministic: no NEFTune, no dropout."""
 
     def eval_step(trainable, frozen, batch):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
-        return _loss_sums(trainable, frozen, batch, model_config=model_config, lora_cfg=lora_cfg,
+        return _loss_sums(trainable, frozen, batch, model_config=model_config, method=method,
                           opts=opts, train=False, rng=jax.random.PRNGKey(0))
 
     return eval_step
@@ -189,12 +184,8 @@ class Steps(NamedTuple):
     shardings: StepShardings
 
 
-def trainable_logical_axes(trainable, param_logical_axes, lora_cfg: lora_lib.LoraConfig):
-    return lora_lib.lora_logical_axes(trainable, param_logical_axes) if lora_cfg.enabled else param_logical_axes
-
-
 def make_train_step(
-    model_config, mesh, *, trainable, frozen, optimizer, schedule, lora_cfg: lora_lib.LoraConfig,
+    model_config, mesh, *, trainable, frozen, optimizer, schedule, method: Method,
     opts: StepOptions = StepOptions(), batch_size: int, param_logical_axes=None,
     rules=sharding_lib.LOGICAL_RULES,
 ) -> Steps:
@@ -211,12 +202,12 @@ def make_train_step(
     )
     if param_logical_axes is None:
         param_logical_axes = _llama().param_logical_axes(model_config)
-    tr_axes = trainable_logical_axes(trainable, param_logical_axes, lora_cfg)
-    tr_sh = sharding_lib.logical_shardings(tr_axes, mesh, trainable, rules)
-    fr_sh = sharding_lib.logical_shardings(param_logical_axes, mesh, frozen, rules) if frozen else {}
+    tr_sh = sharding_lib.logical_shardings(method.trainable_axes(trainable, param_logical_axes), mesh, trainable, rules)
+    fr_sh = (sharding_lib.logical_shardings(method.frozen_axes(frozen, param_logical_axes), mesh, frozen, rules)
+             if frozen else {})
     opt_sh = sharding_lib.opt_state_shardings(optimizer, trainable, tr_sh, mesh)
-    step = build_train_step(model_config, optimizer, schedule, lora_cfg, opts)
-    ev = build_eval_step(model_config, lora_cfg, opts)
+    step = build_train_step(model_config, optimizer, schedule, method, opts)
+    ev = build_eval_step(model_config, method, opts)
     return Steps(
         train_step=sharding_lib.jit_step(step, mesh, trainable_shardings=tr_sh, frozen_shardings=fr_sh,
                                          opt_shardings=opt_sh, rules=rules),

@@ -4,7 +4,7 @@ loading a trained run back (`load_run`) for export, generation or evaluation.
 Layout (the trainer writes it; export/generate read it):
 
     WORKDIR/run.json        {"format": 1, "base_model", "tokenizer": "tokenizer", "template",
-                             "lora": {rank, alpha, dropout, rslora, targets},
+                             "peft": {"method": name, <name>: {fields}},
                              "model": {dtype, param_dtype, scan_layers}, "eos_ids", "config"}
     WORKDIR/tokenizer/      tokenizer files (with the chat_template used in training)
     WORKDIR/base_model/     only when the project made the base (tiny): an HF dir (save_hf)
@@ -24,7 +24,7 @@ import json
 import os
 from typing import Any
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2  # 2: the fine-tuning method under "peft" (format 1 is not read any more)
 RUN_JSON = "run.json"
 
 
@@ -43,40 +43,26 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
-def _lora_dict(lora_cfg: Any) -> dict:
-    if lora_cfg is None:
-        return {"rank": 0, "alpha": 16.0, "dropout": 0.0, "rslora": False, "targets": "all-linear"}
-    d = _to_plain(lora_cfg)
-    get = d.get if isinstance(d, dict) else (lambda k, dflt=None: getattr(d, k, dflt))
-    return {
-        "rank": int(get("rank", 0)),
-        "alpha": float(get("alpha", 16.0)),
-        "dropout": float(get("dropout", 0.0)),
-        "rslora": bool(get("rslora", False)),
-        "targets": str(get("targets", "all-linear")),
-    }
-
-
 def _model_dict(model_policy: Any) -> dict:
     d = model_policy
     if not isinstance(d, dict):
-        d = _to_plain(d) if hasattr(d, "to_dict") else {k: getattr(d, k) for k in ("dtype", "param_dtype", "scan_layers")
+        d = _to_plain(d) if hasattr(d, "to_dict") else {k: getattr(d, k) for k in ("dtype", "param_dtype", "scan_layers", "kernels")
                                                         if hasattr(d, k)}
     return {
         "dtype": str(d.get("dtype", "float32")),
         "param_dtype": str(d.get("param_dtype", "float32")),
         "scan_layers": bool(d.get("scan_layers", False)),
+        "kernels": str(d.get("kernels", "auto")),
     }
 
 
-def write_run_json(workdir, *, base_model: str, template: str, lora_cfg: Any, model_policy: Any,
+def write_run_json(workdir, *, base_model: str, template: str, method: Any, model_policy: Any,
                    eos_ids, config: Any, tokenizer: str = "tokenizer") -> str:
     """Write WORKDIR/run.json (atomically) and return its path.
 
     base_model: the HF base directory (made absolute unless it lies inside `workdir`, then kept
       relative so the work directory can be moved); template: a built-in template name or "";
-    lora_cfg: `sft_jax.lora.LoraConfig`, the `cfg.lora` ConfigDict or a dict (rank 0 = full
-      fine-tuning); model_policy: `cfg.model` / a ModelConfig / a dict with dtype, param_dtype,
+    method: the run's `sft_jax.peft` Method (recorded as `method.run_config()`); model_policy: `cfg.model` / a ModelConfig / a dict with dtype, param_dtype,
       scan_layers; eos_ids: the ids that end an assistant turn (end-of-turn token and EOS);
     config: the full ml_collections config (or a dict).
     """
@@ -91,7 +77,7 @@ def write_run_json(workdir, *, base_model: str, template: str, lora_cfg: Any, mo
         "base_model": base,
         "tokenizer": tokenizer,
         "template": template or "",
-        "lora": _lora_dict(lora_cfg),
+        "peft": method.run_config(),
         "model": _model_dict(model_policy),
         "eos_ids": [int(i) for i in (eos_ids or [])],
         "config": json.loads(json.dumps(_to_plain(config) or {}, default=str)),
@@ -120,7 +106,7 @@ def read_run_json(workdir) -> dict:
     if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
         raise WorkdirError(f"{path}: unsupported format {run.get('format') if isinstance(run, dict) else run!r} "
                            f"(expected {RUN_FORMAT})")
-    for k in ("base_model", "lora", "model"):
+    for k in ("base_model", "peft", "model"):
         if k not in run:
             raise WorkdirError(f"{path}: missing field {k!r}")
     return run
@@ -177,9 +163,9 @@ def check_workdir(workdir, step: int | None = None) -> tuple[dict, int, str]:
 class Run:
     config_dict: dict  # the full training config (plain dict)
     model_config: Any  # sft_jax.models.config.ModelConfig
-    frozen_params: dict  # the base params (LoRA); {} for full fine-tuning
-    trainable: dict  # LoRA tree {..path..: {A, B}}, or the whole params (full fine-tuning)
-    lora_cfg: Any  # sft_jax.lora.LoraConfig (rank 0 = full fine-tuning)
+    frozen: dict  # the method's frozen tree (`Method.frozen_base` of the base; {} for full fine-tuning)
+    trainable: dict  # the method's trained tree (LoRA {..path..: {A, B}}; full: the whole params)
+    method: Any  # the sft_jax.peft Method recorded in run.json
     tokenizer: Any  # transformers tokenizer (None when load_tokenizer=False)
     eos_ids: list[int]
     step: int
@@ -190,19 +176,9 @@ class Run:
     opt_state: Any = None  # only with load_run(..., with_opt_state=True)
     rng: Any = None  # only with load_run(..., with_opt_state=True)
 
-    @property
-    def is_lora(self) -> bool:
-        return bool(self.lora_cfg.enabled)
-
-    @property
-    def lora_scale(self) -> float:
-        return self.lora_cfg.scale
-
     def merged_params(self) -> dict:
-        """Plain weights (LoRA merged into the base; the trained weights for full fine-tuning)."""
-        from sft_jax import lora as lora_lib
-
-        return lora_lib.merge(self.frozen_params, self.trainable, self.lora_scale)
+        """Plain weights (`Method.merge`; raises `peft.NotMergeable` with the reason)."""
+        return self.method.merge(self.trainable, self.frozen, self.model_config)
 
     def chat_template(self) -> str | None:
         """The jinja template training rendered with (built-in by name, else the tokenizer's)."""
@@ -268,7 +244,7 @@ def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None
     import jax
     import numpy as np
 
-    from sft_jax import lora as lora_lib
+    from sft_jax import peft
     from sft_jax.models import hf_io, llama
 
     workdir = os.path.abspath(os.fspath(workdir))
@@ -276,22 +252,28 @@ def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None
     pol = _model_dict(run["model"])
     pdt = param_dtype or pol["param_dtype"]
     cdt = dtype or pol["dtype"]
-    lcfg = lora_lib.LoraConfig(**_lora_dict(run["lora"]))
+    try:
+        method = peft.from_run_config(run["peft"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise WorkdirError(f"{os.path.join(workdir, RUN_JSON)}: bad field 'peft': {type(e).__name__}: {e}") from None
     state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
-    if lcfg.enabled:
-        model_config, frozen = hf_io.load_hf(base, param_dtype=pdt, dtype=cdt, scan_layers=pol["scan_layers"])
-        abstract_tr = jax.eval_shape(lambda p: lora_lib.init_lora(p, lcfg, jax.random.PRNGKey(0)), frozen)
-    else:  # full fine-tuning: the checkpoint holds every weight (float32); the base is not read
-        model_config = hf_io.read_config(base, dtype=cdt, param_dtype=pdt, scan_layers=pol["scan_layers"])
+    policy = dict(dtype=cdt, param_dtype=pdt, scan_layers=pol["scan_layers"], kernels=pol["kernels"])
+    rng = method_rng(run.get("config") or {})
+    if method.needs_base_weights:
+        model_config, params = hf_io.load_hf(base, **policy)
+        frozen = method.frozen_base(params, model_config, rng)
+        abstract_tr = jax.eval_shape(lambda p, f: method.init_trainable(p, f, model_config, rng), params, frozen)
+    else:  # the checkpoint holds every trained weight; the base gives shapes only
+        model_config = hf_io.read_config(base, **policy)
         try:  # the trainer may have resized the vocabulary (added template tokens): trust the checkpoint
             saved_vocab = int(_saved_metadata(state_dir)["trainable"]["embed"]["embedding"].shape[0])
         except Exception:  # noqa: BLE001 - the restore below reports unreadable checkpoints
             saved_vocab = model_config.vocab_size
         if saved_vocab != model_config.vocab_size:
             model_config = model_config.replace(vocab_size=saved_vocab)
-        frozen = {}
-        abstract_tr = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32),
-                                   llama.abstract_params(model_config))
+        abstract = llama.abstract_params(model_config)
+        frozen = method.frozen_base(abstract, model_config, rng)
+        abstract_tr = jax.eval_shape(lambda: method.init_trainable(abstract, frozen, model_config, rng))
     target: dict[str, Any] = {"trainable": abstract_tr, "step": jax.ShapeDtypeStruct((), np.int32)}
     if with_opt_state:
         import ml_collections
@@ -326,11 +308,20 @@ def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None
     if not eos:
         eos = default_stop_ids(tokenizer, run.get("template", ""), model_config)
     return Run(
-        config_dict=run.get("config") or {}, model_config=model_config, frozen_params=frozen,
-        trainable=state["trainable"], lora_cfg=lcfg, tokenizer=tokenizer, eos_ids=eos,
+        config_dict=run.get("config") or {}, model_config=model_config, frozen=frozen,
+        trainable=state["trainable"], method=method, tokenizer=tokenizer, eos_ids=eos,
         step=int(np.asarray(state.get("step", step))), workdir=workdir, template=run.get("template", "") or "",
         base_model=base, tokenizer_path=tokenizer_dir(workdir, run), opt_state=state.get("opt_state"), rng=state.get("rng"),
     )
+
+
+def method_rng(config: dict):
+    """The key a run's method was initialised with (`train.seed`; see train.py): `frozen_base` is
+    recomputed from the base with it on every load."""
+    import jax
+
+    seed = int((config.get("train") or {}).get("seed", 0))
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 17)
 
 
 def default_stop_ids(tokenizer, template: str, model_config=None, extra=()) -> list[int]:

@@ -1,4 +1,4 @@
-"""The block-sparse training attention (`sft_jax.models.attention`) against the dense reference:
+"""The block-sparse training attention (`sft_jax.kernels.flash_attention`) against the dense reference:
 same outputs and gradients for packed rows, padding, GQA, sliding windows, odd lengths, bf16;
 pair skipping really skips; the model uses it and agrees with `attention="dense"`."""
 
@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax.models import attention, llama
-from sft_jax.models.attention import segment_attention, visited_pairs
+from sft_jax.kernels import flash_attention as attention
+from sft_jax.models import llama
+from sft_jax.kernels.flash_attention import segment_attention, visited_pairs
 from sft_jax.models.config import ModelConfig
 
 

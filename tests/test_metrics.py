@@ -61,8 +61,8 @@ def test_mfu_formula():
     n, L, T, d = 1_000_000, 4, 512, 128
     attn = 12 * L * d * T
     assert M.model_flops_per_token(n, L, T, d) == 6 * n + attn
-    assert M.model_flops_per_token(n, L, T, d, lora=True) == 4 * n + attn
-    assert M.model_flops_per_token(n, L, T, d, lora=True, n_lora_params=1000) == 4 * n + 6000 + attn
+    assert M.model_flops_per_token(n, L, T, d, frozen_base=True) == 4 * n + attn
+    assert M.model_flops_per_token(n, L, T, d, frozen_base=True, n_trainable_params=1000) == 4 * n + 6000 + attn
     assert M.model_flops_per_token(n, L, T, d, n_lookup_params=65536) == 6 * (n - 65536) + attn
     # Llama-2-7B-ish: 6.5e9 matmul params, 32 layers, d=4096, T=4096 -> 3.96e10 + 0.64e10 = 4.6e10 FLOPs/token.
     f = M.model_flops_per_token(6_738_000_000, 32, 4096, 4096, n_lookup_params=32000 * 4096)

@@ -1,4 +1,5 @@
-"""The native CPU attention kernel (sft_jax/models/attention_cpu.cc) against the XLA implementation.
+"""The native CPU attention kernel (sft_jax/kernels/attention_cpu.cc) against the XLA implementation
+(`kernels.flash_attention.segment_attention`, itself tested against the reference `llama.attend`).
 
 Same function: values and the gradients of q, k, v for packed rows, GQA, sliding windows, segment ids
 that repeat (non-contiguous), padding rows, lengths that are not a multiple of the 64-slot block, head
@@ -16,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax.models import attention as A
-from sft_jax.models import native_attention as N
+from sft_jax import kernels
+from sft_jax.kernels import flash_attention as A
+from sft_jax.kernels import native_attention as N
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no C++ compiler to build the native kernel")
@@ -26,14 +28,6 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 @pytest.fixture(scope="module", autouse=True)
 def built():
     assert N.available(), N._state.get("error")
-
-
-@pytest.fixture
-def xla_path():
-    old = N.FORCE
-    N.FORCE = False
-    yield
-    N.FORCE = old
 
 
 def packed(B, T, H, KV, hd, seed=0, contiguous=True, pad_row=False):
@@ -74,14 +68,8 @@ def value_and_grads(fn, q, k, v, seg, pos, dtype, window):
 
 def both(case, dtype=jnp.float32, window=None, **kw):
     data = packed(*case, **kw)
-    old = N.FORCE
-    try:
-        N.FORCE = False
-        ref = value_and_grads(A.segment_attention, *data, dtype, window)
-        N.FORCE = True
-        nat = value_and_grads(A.segment_attention, *data, dtype, window)  # dispatches to the kernel
-    finally:
-        N.FORCE = old
+    ref = value_and_grads(A.segment_attention, *data, dtype, window)
+    nat = value_and_grads(N.attention, *data, dtype, window)
     return ref, nat, data
 
 
@@ -120,30 +108,36 @@ def test_padding_row_gets_zero_output_and_gradients():
 
 
 @pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full")])
-def test_model_loss_and_grads_match(xla_path, scan, remat):
-    """A whole Llama (GQA, packed batch) with the kernel vs the XLA attention: loss and every gradient,
-    also with the layers scanned and rematerialised (the kernel's forward then runs again in the backward)."""
+def test_model_loss_and_grads_match(monkeypatch, scan, remat):
+    """A whole Llama (GQA, packed batch) with the kernel (`model.kernels=cpu`; the tests' 8 fake devices
+    need the logged override SFT_JAX_NATIVE_ATTENTION=1) vs the XLA attention (`reference`): loss and
+    every gradient, also with the layers scanned and rematerialised (the kernel's forward then runs
+    again in the backward)."""
     from sft_jax.models import llama
     from sft_jax.models.config import ModelConfig
 
     cfg = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                      scan_layers=scan, remat=remat)
+                      scan_layers=scan, remat=remat, kernels="reference")
     params = llama.init_params(cfg, jax.random.key(0))
     _, _, _, seg, pos = packed(2, 160, 1, 1, 16, seed=3)
     ids = np.random.default_rng(4).integers(0, 128, seg.shape).astype(np.int32)
 
-    def loss(p):
+    def loss(p, cfg):
         logits = llama.forward(p, cfg, ids, positions=pos, segment_ids=seg)
         lp = jax.nn.log_softmax(logits[:, :-1], -1)
         nll = -jnp.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0]
         return jnp.sum(nll * (seg[:, 1:] > 0)) / jnp.sum(seg[:, 1:] > 0)
 
-    l_x, g_x = jax.jit(jax.value_and_grad(loss))(params)
-    assert "sft_attention" not in jax.jit(jax.value_and_grad(loss)).lower(params).as_text()
-    N.FORCE = True
-    assert "sft_attention_bwd" in jax.jit(jax.value_and_grad(loss)).lower(params).as_text()
-    l_n, g_n = jax.jit(jax.value_and_grad(loss))(params)
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    l_x, g_x = grad(params, cfg)
+    assert "sft_attention" not in grad.lower(params, cfg).as_text()
+    monkeypatch.setenv(N.ENV, "1")
+    native = cfg.replace(kernels="cpu")
+    assert kernels.describe(native)["attention_impl"] == "native_cpu"
+    assert kernels.describe(native)["override"] == f"{N.ENV}=1"
+    assert "sft_attention_bwd" in grad.lower(params, native).as_text()
+    l_n, g_n = grad(params, native)
     assert abs(float(l_x) - float(l_n)) < 1e-5
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_x), jax.tree_util.tree_leaves(g_n)):
         err = float(jnp.max(jnp.abs(a - b))) / (float(jnp.max(jnp.abs(a))) + 1e-9)
@@ -151,16 +145,16 @@ def test_model_loss_and_grads_match(xla_path, scan, remat):
 
 
 def test_build_failure_falls_back_to_xla(tmp_path, monkeypatch, caplog):
-    """No usable compiler: a warning, `use_native` False, and the XLA attention runs."""
+    """No usable compiler: a warning, `available()` False (so `kernels.resolve` keeps the XLA
+    attention), and the XLA attention runs."""
     saved = dict(N._state)
     monkeypatch.setenv("SFT_JAX_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
     monkeypatch.delenv("SFT_JAX_NATIVE_ATTENTION", raising=False)
-    monkeypatch.setattr(N, "FORCE", True)
     N._state.clear()
     try:
         with caplog.at_level(logging.WARNING, logger=N.__name__):
-            assert not N.use_native(64, jnp.float32)
+            assert not N.available()
         assert "native CPU attention unavailable" in caplog.text and "failed" in caplog.text
         q, k, v, seg, pos = packed(1, 64, 2, 1, 16)
         o = A.segment_attention(q, k, v, seg, pos, dtype=jnp.float32)

@@ -14,19 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax.models import attention as A
+from sft_jax import peft
+from sft_jax.kernels import flash_attention as A
+from sft_jax.kernels import pallas_attention as P
 from sft_jax.models import llama
-from sft_jax.models import native_attention as N
-from sft_jax.models import pallas_attention as P
 from sft_jax.models.config import ModelConfig
 
 
 @pytest.fixture
 def interpret():
-    old_i, old_f = P.INTERPRET, N.FORCE
-    P.INTERPRET, N.FORCE = True, False  # reference: the XLA flash implementation
+    old = P.INTERPRET
+    P.INTERPRET = True
     yield
-    P.INTERPRET, N.FORCE = old_i, old_f
+    P.INTERPRET = old
 
 
 def packed_batch(B, T, seed=0, pad_tail=0, pad_row=False):
@@ -121,13 +121,12 @@ def test_clear_errors():
 def test_train_step_on_meshes_matches_flash(interpret, shape):
     """The Pallas path under the train step's mesh (run per device through shard_map: rows over data/fsdp,
     heads over tensor) gives the single-device `flash` step's loss and updates."""
-    from sft_jax import lora as lora_lib
     from sft_jax import optim, sharding
     from sft_jax import config as config_lib
     from sft_jax.train_step import StepOptions, make_train_step
 
     mc = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, max_position_embeddings=256, attention_block=32)
+                     num_kv_heads=2, max_position_embeddings=256, attention_block=32, kernels="reference")
     params = llama.init_params(mc, jax.random.key(0))
     B, T = 8, 64
     seg, pos = packed_batch(B, T, seed=5, pad_tail=3)
@@ -137,14 +136,14 @@ def test_train_step_on_meshes_matches_flash(interpret, shape):
     cfg = config_lib.default_config()
     cfg.train.eps = 1e-3  # see test_train_step's accumulation test
     opt, sched = optim.make_optimizer(cfg.train, 10)
-    lcfg = lora_lib.LoraConfig(rank=4, alpha=8.0)
-    trainable, frozen = lora_lib.split_trainable(params, lcfg, jax.random.key(1))
+    method = peft.Lora(rank=4, alpha=8.0)
+    trainable, frozen = method.init(params, mc, jax.random.key(1))
     out = []
     for attn, mshape in (("flash", (1, 1, 1)), ("pallas", shape)):
         n = int(np.prod(mshape))
         mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), mshape)), jax.devices()[:n])
         steps = make_train_step(dataclasses.replace(mc, attention=attn), mesh, trainable=trainable, frozen=frozen,
-                                optimizer=opt, schedule=sched, lora_cfg=lcfg, opts=StepOptions(), batch_size=B)
+                                optimizer=opt, schedule=sched, method=method, opts=StepOptions(), batch_size=B)
         sh = steps.shardings
         tr = jax.device_put(jax.tree.map(np.array, trainable), sh.trainable)  # the step donates it
         args = (tr, jax.device_put(frozen, sh.frozen), sharding.init_opt_state(opt, tr, sh.opt_state),

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sft_jax import lora as lora_lib
+from sft_jax.peft import Full, Lora, count_params
 from sft_jax import sharding
 from sft_jax.loss import cross_entropy_sums
 from sft_jax.models import llama
@@ -18,7 +18,7 @@ from sft_jax.train_step import StepOptions, build_eval_step, build_train_step, m
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                   max_position_embeddings=64, rms_norm_eps=1e-5)
-LORA = lora_lib.LoraConfig(rank=4, alpha=8.0, targets="all-linear")
+LORA = Lora(rank=4, alpha=8.0, targets="all-linear")
 LR, WD = 1e-2, 0.1
 
 
@@ -51,16 +51,16 @@ def params():
 @pytest.fixture(scope="module")
 def adapters(params):
     """LoRA tree with nonzero B (so both A and B move at step one)."""
-    tr = lora_lib.init_lora(params, LORA, jax.random.PRNGKey(1))
+    tr = LORA.init_trainable(params, params, CFG, jax.random.PRNGKey(1))
     keys = iter(jax.random.split(jax.random.PRNGKey(2), 100))
     tr = jax.tree_util.tree_map_with_path(
         lambda p, x: x if p[-1].key == "A" else 0.05 * jax.random.normal(next(keys), x.shape), tr)
     return jax.tree.map(np.asarray, tr)
 
 
-def run_step(trainable, frozen, batch, lora_cfg=LORA, opts=StepOptions(), cfg=CFG, rng=0, **tc):
+def run_step(trainable, frozen, batch, method=LORA, opts=StepOptions(), cfg=CFG, rng=0, **tc):
     opt, sched = make_optimizer(train_cfg(**tc), 10)
-    step = jax.jit(build_train_step(cfg, opt, sched, lora_cfg, opts))
+    step = jax.jit(build_train_step(cfg, opt, sched, method, opts))
     trainable = jax.tree.map(jnp.asarray, trainable)
     st = opt.init(trainable)
     new, st, m = step(trainable, frozen, st, batch, jax.random.PRNGKey(rng))
@@ -191,8 +191,8 @@ def test_full_finetune_step_matches_torch(torch_model, params, batch4):
     opt.step()
     tsd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
-    trainable, frozen = lora_lib.split_trainable(params, lora_lib.LoraConfig(rank=0), jax.random.PRNGKey(0))
-    new, st, m = run_step(trainable, frozen, batch4, lora_cfg=lora_lib.LoraConfig(rank=0))
+    trainable, frozen = Full().init(params, CFG, jax.random.PRNGKey(0))
+    new, st, m = run_step(trainable, frozen, batch4, method=Full())
     assert rel(m["loss"], loss.item()) <= 1e-5
     ours = hf_state(new)
     for name, v in ours.items():
@@ -202,7 +202,7 @@ def test_full_finetune_step_matches_torch(torch_model, params, batch4):
 
 
 def test_lora_b0_equals_base_and_only_adapters_train(params, batch4):
-    tr = jax.tree.map(np.asarray, lora_lib.init_lora(params, LORA, jax.random.PRNGKey(1)))
+    tr = jax.tree.map(np.asarray, LORA.init_trainable(params, params, CFG, jax.random.PRNGKey(1)))
     new, st, m = run_step(tr, params, batch4)
     base = cross_entropy_sums(llama.forward(params, CFG, batch4["inputs"], batch4["positions"],
                                             batch4["segment_ids"]), batch4["targets"], batch4["loss_mask"])
@@ -217,11 +217,11 @@ def test_lora_b0_equals_base_and_only_adapters_train(params, batch4):
     a_old, a_new = tr["layers_0"]["attn"]["q_proj"]["A"], new["layers_0"]["attn"]["q_proj"]["A"]
     np.testing.assert_allclose(a_new, a_old * (1 - LR * WD), rtol=1e-6)
     assert np.abs(new["layers_0"]["attn"]["q_proj"]["B"]).max() > 1e-3
-    n_lora = lora_lib.count_params(tr)
+    n_lora = count_params(tr)
     n_state = sum(np.size(x) for x in jax.tree.leaves(st))
     assert 2 * n_lora <= n_state <= 2 * n_lora + 8, (n_lora, n_state)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(st) if np.size(x) > 1)
-    assert n_lora < lora_lib.count_params(params) / 5
+    assert n_lora < count_params(params) / 5
     for k in ("loss", "ce", "trainable_tokens", "accuracy", "grad_norm", "lr"):
         assert np.isfinite(m[k])
     assert m["lr"] == pytest.approx(LR)
@@ -250,11 +250,11 @@ def test_chunked_loss_in_step(params, adapters, batch4):
 
 def test_chunked_loss_in_full_finetune_step(params, batch4):
     """Full fine-tuning: the fused chunked loss also trains the LM head (its [D, V] gradient)."""
-    full = lora_lib.LoraConfig(rank=0)
-    trainable, frozen = lora_lib.split_trainable(params, full, jax.random.PRNGKey(0))
+    full = Full()
+    trainable, frozen = full.init(params, CFG, jax.random.PRNGKey(0))
     # eps=1e-3 as in test_accumulation: Adam's first update with eps=1e-8 is ~lr*sign(g)
-    a, _, ma = run_step(trainable, frozen, batch4, lora_cfg=full, opts=StepOptions(z_loss=1e-3), eps=1e-3)
-    b, _, mb = run_step(trainable, frozen, batch4, lora_cfg=full, opts=StepOptions(z_loss=1e-3, loss_chunk_size=5),
+    a, _, ma = run_step(trainable, frozen, batch4, method=full, opts=StepOptions(z_loss=1e-3), eps=1e-3)
+    b, _, mb = run_step(trainable, frozen, batch4, method=full, opts=StepOptions(z_loss=1e-3, loss_chunk_size=5),
                         eps=1e-3)
     assert rel(mb["loss"], ma["loss"]) <= 1e-6 and rel(mb["grad_norm"], ma["grad_norm"]) <= 1e-6
     assert_trees_close(b, a, 1e-6)
@@ -267,7 +267,7 @@ MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
 def test_equal_across_meshes(params, adapters, full):
     batch = make_batch(16, 16, seed=2)
     opts = StepOptions(micro_batches=2)
-    lcfg = lora_lib.LoraConfig(rank=0) if full else LORA
+    lcfg = Full() if full else LORA
     opt, sched = make_optimizer(train_cfg(grad_clip=1.0, eps=1e-3), 10)  # eps: see accumulation test
     results = []
     meshes = [m for m in MESHES if not (full and m == (8, 1, 1))]  # pure data parallel: covered by lora
@@ -276,7 +276,7 @@ def test_equal_across_meshes(params, adapters, full):
         mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:n])
         trainable, frozen = (params, {}) if full else (adapters, params)
         steps = make_train_step(CFG, mesh, trainable=trainable, frozen=frozen, optimizer=opt, schedule=sched,
-                                lora_cfg=lcfg, opts=opts, batch_size=16)
+                                method=lcfg, opts=opts, batch_size=16)
         sh = steps.shardings
         tr = jax.device_put(jax.tree.map(np.array, trainable), sh.trainable)
         fr = jax.device_put(frozen, sh.frozen)
@@ -332,8 +332,8 @@ def test_neftune_in_train_only(params, adapters, batch4):
     # reproduce exactly: the step splits its rng into (noise, dropout)
     noise_rng, _ = jax.random.split(jax.random.PRNGKey(7))
     noise = neftune_noise(noise_rng, jnp.asarray(batch4["segment_ids"]), CFG.hidden_size, alpha)
-    logits = llama.forward(params, CFG, batch4["inputs"], batch4["positions"], batch4["segment_ids"], lora=adapters,
-                           lora_scale=LORA.scale, embed_noise=noise)
+    logits = LORA.forward(adapters, params, CFG, batch4["inputs"], batch4["positions"], batch4["segment_ids"],
+                          embed_noise=noise)
     s = cross_entropy_sums(logits, batch4["targets"], batch4["loss_mask"])
     assert rel(m_noise["loss"], float(s["loss_sum"] / s["tokens"])) <= 1e-6
     # eval: deterministic, no noise
@@ -346,8 +346,8 @@ def test_lora_dropout_bf16_base_and_scan_remat(params, adapters, batch4):
     # bf16 frozen base + bf16 compute: LoRA params and optimizer state stay f32
     c16 = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
     p16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-    drop = lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=0.1)
-    new, st, m = run_step(adapters, p16, batch4, lora_cfg=drop, cfg=c16)
+    drop = Lora(rank=4, alpha=8.0, dropout=0.1)
+    new, st, m = run_step(adapters, p16, batch4, method=drop, cfg=c16)
     assert np.isfinite(m["loss"]) and all(x.dtype == np.float32 for x in jax.tree.leaves(new))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(st) if np.size(x) > 1)
     # scanned + remat model == unrolled one (same weights stacked on a leading layers axis)
@@ -368,7 +368,7 @@ def test_lora_dropout_bf16_base_and_scan_remat(params, adapters, batch4):
 def test_misconfiguration_errors_before_compiling(params, adapters):
     opt, sched = make_optimizer(train_cfg(), 10)
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-    kw = dict(trainable=adapters, frozen=params, optimizer=opt, schedule=sched, lora_cfg=LORA)
+    kw = dict(trainable=adapters, frozen=params, optimizer=opt, schedule=sched, method=LORA)
     with pytest.raises(sharding.ShardingError, match=r"train.batch_size=6 is not divisible"):
         make_train_step(CFG, mesh, batch_size=6, **kw)
     with pytest.raises(sharding.ShardingError, match=r"micro-batch size"):

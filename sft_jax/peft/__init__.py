@@ -2,12 +2,12 @@
 
 `METHODS` maps `peft.method` names to their classes; `from_config(cfg.peft)` builds the method of
 a run, `from_run_config(run_json["peft"])` the method recorded in a work directory. A new method
-is one module here plus one line in `METHODS`.
+is one module here, one line in `METHODS`, and its `peft.<name>` fields in `sft_jax/config.py`
+(the schema stays there so that config checks answer before JAX loads) plus the name in
+`config.CHOICES["peft.method"]`.
 """
 
 from __future__ import annotations
-
-import ml_collections
 
 from sft_jax.peft.base import Method, MethodConfigError, NotMergeable, PeftFormatError, count_params
 from sft_jax.peft.full import Full
@@ -17,17 +17,6 @@ METHODS: dict[str, type[Method]] = {
     Full.name: Full,
     Lora.name: Lora,
 }
-
-
-def config_section() -> ml_collections.ConfigDict:
-    """The `peft` section of the config schema: `method` plus every method's sub-section."""
-    c = ml_collections.ConfigDict()
-    c.method = "full"  # one of METHODS
-    for name, cls in METHODS.items():
-        section = cls.config_section()
-        if len(section):
-            c[name] = section
-    return c
 
 
 def get(name: str) -> type[Method]:
@@ -47,5 +36,5 @@ def from_run_config(d: dict) -> Method:
     return from_config(d)
 
 
-__all__ = ["METHODS", "Method", "MethodConfigError", "NotMergeable", "PeftFormatError", "config_section",
+__all__ = ["METHODS", "Method", "MethodConfigError", "NotMergeable", "PeftFormatError",
            "count_params", "from_config", "from_run_config", "get"]

@@ -25,10 +25,10 @@ Everything outside `sft_jax/peft/` (train, train_step, plan, export, generate, w
 uses only this interface; nothing there branches on the method's name.
 
 Configuration: one section `peft` with `peft.method` (a name in `METHODS`, see
-`sft_jax/peft/__init__.py`) and one sub-section per method (`peft.lora.rank`, ...). Each method
-class declares its sub-section's fields and defaults in `config_section()` (the schema of
-`config.default_config()` is built from them) and reads them in `from_config(peft_cfg)`, which
-receives the whole `peft` section (QLoRA may read `peft.lora` for its adapter).
+`sft_jax/peft/__init__.py`) and one sub-section per method (`peft.lora.rank`, ...), declared in
+`sft_jax/config.py` (jax-free, so config errors come before JAX loads). A method reads them in
+`from_config(peft_cfg)`, which receives the whole `peft` section (QLoRA may read `peft.lora` for
+its adapter), and records itself with `run_config()` (read back by `from_config` too).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from sft_jax.models.hooks import METHOD, METHOD_FROZEN, Hooks
 
@@ -73,19 +72,14 @@ class Method(Hooks):
 
     # ------------------------------------------------------------------ config
     @classmethod
-    def config_section(cls) -> ml_collections.ConfigDict:
-        """The `peft.<name>` fields with their defaults (may be empty)."""
-        return ml_collections.ConfigDict()
-
-    @classmethod
     def from_config(cls, peft_cfg) -> "Method":
         """Build from the whole `peft` ConfigDict (or a plain dict of the same shape); raise
         `MethodConfigError` naming the field on a bad value."""
         raise NotImplementedError
 
     def run_config(self) -> dict:
-        """JSON-able record of this method for run.json: `{"method": name, name: {fields}}`;
-        `from_run_config` reads it back."""
+        """JSON-able record of this method for run.json: `{"method": name, name: {fields}}` (the
+        shape of the `peft` config section, so `from_config` reads it back)."""
         return {"method": self.name, self.name: {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
     def describe(self) -> str:
@@ -103,19 +97,30 @@ class Method(Hooks):
         raise NotImplementedError
 
     def init(self, params: Params, model_config, rng: jax.Array) -> tuple[Params, Params]:
-        """`(trainable, frozen)`; the two keys are split from `rng`."""
-        k_frozen, k_train = jax.random.split(rng)
-        frozen = self.frozen_base(params, model_config, k_frozen)
-        return self.init_trainable(params, frozen, model_config, k_train), frozen
+        """`(trainable, frozen)`. Both functions get the same `rng` (the work directory recomputes
+        `frozen_base` with it on load); a method needing independent streams folds it itself."""
+        frozen = self.frozen_base(params, model_config, rng)
+        return self.init_trainable(params, frozen, model_config, rng), frozen
 
     def variables(self, trainable: Params, frozen: Params) -> dict[str, Params]:
         """The model's variable collections. Default: base params in `params`, `trainable` in
         `METHOD`."""
         return {"params": frozen, METHOD: trainable}
 
-    def params_of(self, trainable: Params, frozen: Params) -> Params:
-        """The `params` collection the model reads (for the LM head of the chunked loss, ...)."""
-        return self.variables(trainable, frozen)["params"]
+    def model_inputs(self, trainable: Params, frozen: Params) -> tuple[Params, dict[str, Params]]:
+        """`(params, method_vars)`: the arguments of `llama.forward(params, ..., method=self,
+        method_vars=method_vars)` (and of `forward_with_cache`, `sampling.generate`)."""
+        v = dict(self.variables(trainable, frozen))
+        return v.pop("params"), v
+
+    def forward(self, trainable: Params, frozen: Params, model_config, input_ids, positions=None,
+                segment_ids=None, **kw):
+        """`llama.forward` of the trained model (keywords as `llama.forward`)."""
+        from sft_jax.models import llama
+
+        params, method_vars = self.model_inputs(trainable, frozen)
+        return llama.forward(params, model_config, input_ids, positions, segment_ids, method=self,
+                             method_vars=method_vars, **kw)
 
     # ------------------------------------------------------------------ sharding
     def trainable_axes(self, trainable: Params, param_axes: Params) -> Params:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from sft_jax.peft.base import Method, Params, as_float32
+from sft_jax.peft.base import Method, Params, PeftFormatError, as_float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,3 +40,6 @@ class Full(Method):
 
     def merge(self, trainable: Params, frozen: Params, model_config) -> Params:
         return trainable
+
+    def save_peft(self, out_dir, trainable, frozen, model_config, **kw) -> list[str]:
+        raise PeftFormatError("this run is full fine-tuning: there is no adapter to export; use --format=merged")

@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from sft_jax.models.hooks import LinearCall, LowRank, dropout
@@ -178,16 +177,6 @@ class Lora(Method):
             raise MethodConfigError(f"config field 'peft.lora.rank' must be > 0, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise MethodConfigError(f"config field 'peft.lora.dropout' must be in [0, 1), got {self.dropout}")
-
-    @classmethod
-    def config_section(cls) -> ml_collections.ConfigDict:
-        c = ml_collections.ConfigDict()
-        c.rank = 16
-        c.alpha = 16.0
-        c.dropout = 0.0
-        c.rslora = False  # rsLoRA: scale alpha / sqrt(rank) instead of alpha / rank
-        c.targets = "all-linear"  # "all-linear", a comma list (q_proj,v_proj) or a regex over module paths
-        return c
 
     @classmethod
     def from_config(cls, peft_cfg) -> "Lora":

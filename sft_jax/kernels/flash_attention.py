@@ -1,4 +1,4 @@
-"""Block-sparse causal attention for the training path, with a hand-written backward.
+"""`model.attention=flash`: block-sparse causal attention for the training path (XLA), with a hand-written backward.
 
 `segment_attention(q, k, v, segment_ids, positions, ...)` computes the same function as dense
 causal, segment-block-diagonal attention (`llama.attend` with the training mask), but
@@ -24,10 +24,10 @@ rest): static slices instead of while loops and dynamic slices, 12-30% faster at
 (bench/README.md "Intel Xeon"); the skipping matters most for long packed rows, which have many
 blocks, and unrolling many blocks costs compile time.
 
-On a single CPU device `segment_attention` hands the same computation to a native C++ kernel
-(`native_attention.py`, `attention_cpu.cc`: an XLA FFI custom call built with g++ at first use,
-2-3x faster than this XLA composition on CPU); this implementation serves TPU/GPU, multi-device meshes
-and machines without a compiler, and is the kernel's reference in tests.
+It is a drop-in for the reference `models.llama.attend` with the training mask (tests assert equal values
+and gradients). With `model.kernels=cpu` on a single CPU device the model hands the same computation to
+the native C++ kernel instead (`native_attention.py`); this implementation serves TPU/GPU, multi-device
+meshes and machines without a compiler.
 
 Shapes: q [B, T, H, hd], k/v [B, T, KV, hd] (grouped-query: H % KV == 0), segment_ids and
 positions [B, T] int32 -> [B, T, H * hd] in `dtype`.
@@ -40,8 +40,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from sft_jax.models import native_attention
 
 F32 = jnp.float32
 _NEG = -1e30
@@ -214,11 +212,8 @@ _attn.defvjp(_attn_fwd, _attn_bwd)
 
 
 def segment_attention(q, k, v, segment_ids, positions, *, dtype, sliding_window=None, block: int = 0):
-    """See the module docstring. q [B,T,H,hd], k/v [B,T,KV,hd] -> [B,T,H*hd]. On a single CPU device
-    the native kernel computes it (`native_attention`; same function, `block` does not apply)."""
+    """See the module docstring. q [B,T,H,hd], k/v [B,T,KV,hd] -> [B,T,H*hd]."""
     b, t, h, hd = q.shape
-    if native_attention.use_native(hd, dtype):
-        return native_attention.attention(q, k, v, segment_ids, positions, dtype=dtype, sliding_window=sliding_window)
     kvh = k.shape[2]
     g = h // kvh
     c = block_size(b, h, t, block)

@@ -1,7 +1,7 @@
 """The native CPU attention kernel (`attention_cpu.cc`): build, load, and call it from JAX.
 
 `attention(q, k, v, segment_ids, positions, dtype=..., sliding_window=...)` is the same function as
-`attention.segment_attention` (causal, segment-block-diagonal, sliding window, GQA; float32 math),
+`flash_attention.segment_attention` (causal, segment-block-diagonal, sliding window, GQA; float32 math),
 computed by an XLA FFI custom call on CPU, with a custom VJP whose backward is the kernel's backward.
 
 Build: at first use the C++ source is compiled with the system's g++ (`-O3 -march=native`, against
@@ -10,11 +10,13 @@ the FFI headers that jaxlib ships) into a cache directory (`$SFT_JAX_CACHE`, def
 feature flags; later runs load the cached library. No compiler, or a failed build: `available()` is
 False (the reason is logged once) and sft_jax uses the XLA implementation.
 
-When it is used (`use_native`): the default backend is CPU, there is a single device (the custom call
-has no sharding rule: under a multi-device mesh XLA would gather its operands onto every device),
-head_dim is a multiple of 16 and the dtype is float32 or bfloat16. `SFT_JAX_NATIVE_ATTENTION=0`
-turns it off, `=1` makes it required (an error when it cannot build); tests set `FORCE` to run it
-under the 8-device test configuration too. Measured in bench/README.md ("Native CPU attention").
+When it is used: only in the `model.kernels=cpu` set (`auto` on a CPU backend), for
+`model.attention=flash`, when `status()` allows it: the default backend is CPU, there is a single device
+(the custom call has no sharding rule: under a multi-device mesh XLA would gather its operands onto every
+device), head_dim is a multiple of 16, the dtype is float32 or bfloat16 and the kernel builds. The debug
+override `SFT_JAX_NATIVE_ATTENTION=0` turns it off, `=1` makes it required whatever the device count (an
+error when it cannot build); `sft_jax.kernels.describe` reports the decision and the override, and the
+trainer logs it and writes it to run_info.json. Measured in bench/README.md ("Native CPU attention").
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention_cpu.cc")
 CXXFLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
-FORCE: bool | None = None  # tests: True runs the kernel whatever the device count
+ENV = "SFT_JAX_NATIVE_ATTENTION"  # debug override: 0 = off, 1 = required (logged by kernels.describe)
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -109,23 +111,27 @@ def available() -> bool:
                 jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(sym), platform="cpu")
             _state["ok"], _state["path"] = True, path
         except Exception as e:  # noqa: BLE001  (any build/load failure: fall back to XLA)
-            if os.environ.get("SFT_JAX_NATIVE_ATTENTION") == "1":
+            if os.environ.get(ENV) == "1":
                 raise
             log.warning("native CPU attention unavailable, using the XLA implementation: %s", e)
             _state["ok"], _state["error"] = False, str(e)
     return _state["ok"]
 
 
-def use_native(head_dim: int, dtype) -> bool:
-    """Whether `segment_attention` should call the kernel (see the module docstring)."""
-    env = os.environ.get("SFT_JAX_NATIVE_ATTENTION", "")
-    if env == "0" or FORCE is False:
-        return False
-    if jax.default_backend() != "cpu" or head_dim % 16 or jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
-        return False
-    if not (FORCE or env == "1") and jax.device_count() != 1:
-        return False
-    return available()
+def status(head_dim: int, dtype) -> tuple[bool, str]:
+    """(use the kernel?, why) for the current backend, device count and override (module docstring)."""
+    env = os.environ.get(ENV, "")
+    if env == "0":
+        return False, f"{ENV}=0"
+    if jax.default_backend() != "cpu":
+        return False, f"backend {jax.default_backend()}"
+    if head_dim % 16 or jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+        return False, f"head_dim {head_dim} / dtype {jnp.dtype(dtype).name} not supported"
+    if env != "1" and jax.device_count() != 1:
+        return False, f"{jax.device_count()} devices (no sharding rule)"
+    if not available():
+        return False, f"build failed: {_state.get('error', '')[:200]}"
+    return True, f"{ENV}=1" if env == "1" else "single CPU device"
 
 
 def _threads() -> int:
@@ -173,8 +179,8 @@ _attn.defvjp(_attn_fwd, _attn_bwd)
 
 
 def attention(q, k, v, segment_ids, positions, *, dtype, sliding_window=None):
-    """q [B,T,H,hd], k/v [B,T,KV,hd] -> [B,T,H*hd] in `dtype` (see `attention.segment_attention`).
-    Call only where `use_native(hd, dtype)` holds."""
+    """q [B,T,H,hd], k/v [B,T,KV,hd] -> [B,T,H*hd] in `dtype` (the function of
+    `flash_attention.segment_attention`). Call only where `status(hd, dtype)` allows it."""
     b, t, h, hd = q.shape
     dt = jnp.dtype(dtype)
     o = _attn(q.astype(dt), k.astype(dt), v.astype(dt), segment_ids.astype(jnp.int32),

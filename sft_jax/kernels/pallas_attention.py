@@ -1,7 +1,7 @@
-"""`model.attention = "pallas"`: the training attention as jax's Pallas (Triton) flash-attention kernel, for GPUs.
+"""`model.attention=pallas`: the training attention as jax's Pallas (Triton) flash-attention kernel, for GPUs.
 
 `attention(q, k, v, segment_ids, *, dtype, ...)` computes the same function as
-`attention.segment_attention` for every non-padding query (causal, segment-block-diagonal, GQA; float32
+`flash_attention.segment_attention` for every non-padding query (causal, segment-block-diagonal, GQA; float32
 accumulation) with `jax.experimental.pallas.ops.gpu.attention.mha`: a fused forward and a fused backward
 (its own `custom_vjp`), tiles of `block` queries x `block` keys held on chip, the [B, H, T, T] scores never
 in HBM. sft_jax's `flash` implementation is XLA loops of block dots, portable but not tuned for GPUs; this
