@@ -5,8 +5,8 @@
     python bench/ab_step.py --a "micro=1" --b "micro=8"
 
 Each variant is `key=value,...`: model policy overrides (as profile_step's --policy) plus `micro=M`
-(gradient-accumulation micro-batches), `chunk=N` (chunked cross-entropy), `unroll=N` (`sft_jax.models.attention.UNROLL`), an integer
-constant of that module as `attn.NAME=N`, `native.FORCE=0|1` (XLA attention / the native CPU kernel), `llama.NAME=N`,
+(gradient-accumulation micro-batches), `chunk=N` (chunked cross-entropy), `unroll=N` (`sft_jax.kernels.flash_attention.UNROLL`), an integer
+constant of that module as `attn.NAME=N`, `cpu.NAME=N` (sft_jax.kernels.cpu), `llama.NAME=N`,
 and XLA compiler options by name (`xla_cpu_experimental_ynn_fusion_type=` compiles that variant's step with
 an empty YNNPACK fusion list: dots go to Eigen). On a shared or throttled machine the speed of the whole box
 drifts by tens of percent within minutes, so separate runs cannot resolve a 5-10% change; paired,
@@ -37,7 +37,7 @@ def parse(spec):
             chunk = int(v)
         elif k == "unroll":
             unroll = int(v)
-        elif k.startswith(("attn.", "native.", "llama.")):  # a constant of sft_jax.models.attention / native_attention
+        elif k.startswith(("attn.", "cpu.", "llama.")):  # a constant of sft_jax.kernels.flash_attention / cpu / llama
             attn[k] = int(v)
         else:
             policy[k] = int(v) if v.isdigit() else v
@@ -84,9 +84,10 @@ def main(argv=None):
         tok = V.build_tokenizer(convs, size["vocab"], mdir / "tok")
         V.build_model(size, tok, mdir, 2048)
     batches = P.synthetic_batches(a.steps + 1, a.batch, a.max_length, size["vocab"])
-    from sft_jax.models import attention, llama, native_attention
+    from sft_jax.kernels import cpu, flash_attention
+    from sft_jax.models import llama
 
-    mods = {"attn": attention, "native": native_attention, "llama": llama}
+    mods = {"attn": flash_attention, "cpu": cpu, "llama": llama}
 
     gens, times, consts = [], [], []
     for spec in (a.a, a.b):
@@ -98,8 +99,6 @@ def main(argv=None):
         times.append([])
     def put(k, v):
         m, name = k.split(".")
-        if m == "native" and name == "FORCE":
-            v = None if v < 0 else bool(v)  # native.FORCE=0: XLA attention, =1: the native kernel
         setattr(mods[m], name, v)
 
     defaults = {k: getattr(mods[k.split(".")[0]], k.split(".")[1]) for c in consts for k in c}

@@ -146,8 +146,8 @@ def run_mode(mc_json: dict, mode: str, remat: str, a, batches) -> dict:
     import jax.numpy as jnp
 
     from sft_jax import config as config_lib
-    from sft_jax import lora as lora_lib
     from sft_jax import optim
+    from sft_jax import peft
     from sft_jax import sharding as sharding_lib
     from sft_jax import train_step as ts
     from sft_jax.models import llama
@@ -165,13 +165,13 @@ def run_mode(mc_json: dict, mode: str, remat: str, a, batches) -> dict:
     cfg.train.warmup_steps = 0
     dev = jax.devices()[0]
     params = llama.init_params(mc, jax.random.key(0))
-    lcfg = lora_lib.LoraConfig(rank=a.lora_rank if lora else 0, alpha=2.0 * a.lora_rank, targets="all-linear")
-    trainable, frozen = lora_lib.split_trainable(params, lcfg, jax.random.key(1))
+    method = peft.Lora(rank=a.lora_rank, alpha=2.0 * a.lora_rank, targets="all-linear") if lora else peft.Full()
+    trainable, frozen = method.init(params, mc, jax.random.key(1))
     del params
     optimizer, sched = optim.make_optimizer(cfg.train, 10**6)
     mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=[dev])
     st = ts.make_train_step(mc, mesh, trainable=trainable, frozen=frozen, optimizer=optimizer, schedule=sched,
-                            lora_cfg=lcfg, opts=ts.StepOptions(loss_chunk_size=a.loss_chunk),
+                            method=method, opts=ts.StepOptions(loss_chunk_size=a.loss_chunk),
                             batch_size=a.batch)
     trainable = jax.device_put(trainable, st.shardings.trainable)
     frozen = jax.device_put(frozen, st.shardings.frozen) if frozen else frozen

@@ -3,8 +3,8 @@
 
     python bench/attention_kernel.py [--shape B,T,H,KV,hd] [--reps 7]
 
-Both compute `sft_jax.models.attention.segment_attention` (the XLA block loops with `native_attention.FORCE
-= False`, the C++ kernel with `FORCE = True`) on the same packed batch (two examples per row, 2/3 + 1/3 of
+Both compute the same attention (`sft_jax.kernels.flash_attention.segment_attention`, the XLA block loops,
+and `sft_jax.kernels.native_attention.attention`, the C++ kernel) on the same packed batch (two examples per row, 2/3 + 1/3 of
 the slots, like LIMA at T 512) in float32 and bfloat16; the timed calls alternate between the two so that a
 drifting machine affects both alike. Prints median ms per call and the ratio, and checks that the two agree.
 Default shape: the 31M benchmark model's layer (B 8, T 512, 8 heads, 4 KV heads, head dim 64).
@@ -34,8 +34,8 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from sft_jax.models import attention as A
-    from sft_jax.models import native_attention as N
+    from sft_jax.kernels import flash_attention as A
+    from sft_jax.kernels import native_attention as N
 
     assert N.available(), N._state.get("error")
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -55,14 +55,12 @@ def main(argv=None):
         v = jnp.asarray(rng.standard_normal((b, t, kv, hd)), dtype)
         do = jnp.asarray(rng.standard_normal((b, t, h * hd)), dtype)
         fns = {}
-        for name, force in (("xla", False), ("native", True)):
-            N.FORCE = force
-            f = jax.jit(lambda q, k, v: A.segment_attention(q, k, v, seg, pos, dtype=dtype))
-            g = jax.jit(jax.grad(lambda q, k, v: jnp.sum((A.segment_attention(q, k, v, seg, pos, dtype=dtype)
-                                                          * do).astype(jnp.float32)), argnums=(0, 1, 2)))
+        for name, attn in (("xla", A.segment_attention), ("native", N.attention)):
+            f = jax.jit(lambda q, k, v, attn=attn: attn(q, k, v, seg, pos, dtype=dtype))
+            g = jax.jit(jax.grad(lambda q, k, v, attn=attn: jnp.sum((attn(q, k, v, seg, pos, dtype=dtype)
+                                                                     * do).astype(jnp.float32)), argnums=(0, 1, 2)))
             outs = (jax.block_until_ready(f(q, k, v)), jax.block_until_ready(g(q, k, v)))  # compile
             fns[name] = (f, g, outs)
-        N.FORCE = None
         times = {n: ([], []) for n in fns}
         for _ in range(a.reps):
             for n, (f, g, _) in fns.items():

@@ -529,8 +529,8 @@ def setup_sft_jax(model_dir, *, batch_size, lora, lora_init=None, lr, steps, see
     import jax
 
     from sft_jax import config as config_lib
-    from sft_jax import lora as lora_lib
     from sft_jax import optim
+    from sft_jax import peft
     from sft_jax import sharding as sharding_lib
     from sft_jax import train_step as ts
 
@@ -542,8 +542,8 @@ def setup_sft_jax(model_dir, *, batch_size, lora, lora_init=None, lr, steps, see
     cfg.train.weight_decay = 0.0
     cfg.train.grad_clip = 1.0
     cfg.train.b1, cfg.train.b2, cfg.train.eps = 0.9, 0.999, 1e-8
-    lcfg = lora_lib.LoraConfig(rank=16 if lora else 0, alpha=32.0, dropout=0.0, targets="all-linear")
-    trainable, frozen = lora_lib.split_trainable(params, lcfg, jax.random.key(seed))
+    method = peft.Lora(rank=16, alpha=32.0, dropout=0.0, targets="all-linear") if lora else peft.Full()
+    trainable, frozen = method.init(params, mc, jax.random.key(seed))
     if lora and lora_init is not None:
         flat = {}
 
@@ -563,7 +563,7 @@ def setup_sft_jax(model_dir, *, batch_size, lora, lora_init=None, lr, steps, see
     optimizer, sched = optim.make_optimizer(cfg.train, steps)
     mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     st = ts.make_train_step(
-        mc, mesh, trainable=trainable, frozen=frozen, optimizer=optimizer, schedule=sched, lora_cfg=lcfg,
+        mc, mesh, trainable=trainable, frozen=frozen, optimizer=optimizer, schedule=sched, method=method,
         opts=step_opts or ts.StepOptions(), batch_size=batch_size,
     )
     trainable = jax.device_put(trainable, st.shardings.trainable)

@@ -273,7 +273,7 @@ def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None
             model_config = model_config.replace(vocab_size=saved_vocab)
         abstract = llama.abstract_params(model_config)
         frozen = method.frozen_base(abstract, model_config, rng)
-        abstract_tr = jax.eval_shape(lambda: method.init_trainable(abstract, frozen, model_config, rng))
+        abstract_tr = jax.eval_shape(lambda p: method.init_trainable(p, frozen, model_config, rng), abstract)
     target: dict[str, Any] = {"trainable": abstract_tr, "step": jax.ShapeDtypeStruct((), np.int32)}
     if with_opt_state:
         import ml_collections

@@ -16,7 +16,8 @@ import pytest
 from sft_jax.export import main as export_main
 from sft_jax.export import run_cli
 from sft_jax.models import llama
-from sft_jax.peft_io import load_peft_adapter, lora_to_peft_tensors
+from sft_jax.peft import Lora
+from sft_jax.peft.lora import adapter_leaves, adapter_to_peft_tensors, target_paths
 from sft_jax.workdir import load_run
 from test_workdir import make_tiny_run, shared_lora_run
 
@@ -36,8 +37,10 @@ def full_run(tmp_path_factory):
     return wd, make_tiny_run(wd, rank=0, steps=2, save_steps=(2,))
 
 
-def _jax_logits(params, config, lora=None, scale=1.0):
-    return np.asarray(llama.forward(params, config, jnp.asarray(IDS), lora=lora, lora_scale=scale))
+def _jax_logits(params, config, method=None, trainable=None):
+    if method is None:
+        return np.asarray(llama.forward(params, config, jnp.asarray(IDS)))
+    return np.asarray(method.forward(trainable, params, config, jnp.asarray(IDS)))
 
 
 def _hf_logits(model):
@@ -51,7 +54,7 @@ def test_merged_export_matches_transformers(lora_run, tmp_path):
     wd, made = lora_run
     out = tmp_path / "merged"
     assert export_main([f"--workdir={wd}", f"--out={out}", "--format=merged", "--dtype=float32"]) == 0
-    ref = _jax_logits(made["base"], made["config"], made["trainable"], made["lora"].scale)
+    ref = _jax_logits(made["base"], made["config"], made["method"], made["trainable"])
     base = _jax_logits(made["base"], made["config"])
     assert np.abs(ref - base).max() > 1e-3  # the adapter visibly changed the model
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -109,45 +112,38 @@ def test_peft_export_matches_peft_and_round_trips(lora_run, tmp_path):
 
     base = AutoModelForCausalLM.from_pretrained(wd / "base_model", dtype=torch.float32)
     pm = PeftModel.from_pretrained(base, out).eval()
-    ref = _jax_logits(made["base"], made["config"], made["trainable"], made["lora"].scale)
+    ref = _jax_logits(made["base"], made["config"], made["method"], made["trainable"])
     np.testing.assert_allclose(_hf_logits(pm), ref, atol=1e-4, rtol=0)
 
     # peft -> sft_jax -> peft: identical tensors; the imported tree equals the trained one
-    tree, lcfg = load_peft_adapter(str(out), made["base"])
-    assert (lcfg.rank, lcfg.alpha, lcfg.rslora, lcfg.scale) == (4, 8.0, True, made["lora"].scale)
+    tree, lcfg = Lora.load_peft(str(out), made["base"])
+    assert (lcfg.rank, lcfg.alpha, lcfg.rslora, lcfg.scale) == (4, 8.0, True, made["method"].scale)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), tree,
                                      made["trainable"]))
-    again = lora_to_peft_tensors(tree, made["config"])
+    again = adapter_to_peft_tensors(tree, made["config"])
     assert sorted(again) == sorted(tensors)
     assert all(np.array_equal(again[k], tensors[k]) for k in tensors)
-    # the imported LoraConfig's targets select exactly the adapted modules
-    from sft_jax.lora import target_paths
-
-    from sft_jax.peft_io import _lora_leaves
-
-    assert {"/".join(p) for p in target_paths(made["base"], lcfg.targets)} == {"/".join(p) for p, _ in _lora_leaves(tree)}
+    # the imported method's targets select exactly the adapted modules
+    assert {"/".join(p) for p in target_paths(made["base"], lcfg.targets)} == {"/".join(p) for p, _ in adapter_leaves(tree)}
 
     # an adapter on some modules of some layers: target_modules becomes an exact regex peft full-matches
-    from sft_jax.lora import LoraConfig
-    from sft_jax.peft_io import save_peft_adapter
-
     sub = {"layers_1": {"attn": {k: tree["layers_1"]["attn"][k] for k in ("q_proj", "v_proj")}}}
-    sub_cfg = LoraConfig(rank=4, alpha=8.0, rslora=True, targets="layers_1/attn/(q|v)_proj")
-    save_peft_adapter(str(tmp_path / "sub"), sub, sub_cfg, made["config"])
+    sub_cfg = Lora(rank=4, alpha=8.0, rslora=True, targets="layers_1/attn/(q|v)_proj")
+    sub_cfg.save_peft(str(tmp_path / "sub"), sub, made["base"], made["config"])
     assert json.load(open(tmp_path / "sub" / "adapter_config.json"))["target_modules"].startswith("^(")
     base2 = AutoModelForCausalLM.from_pretrained(wd / "base_model", dtype=torch.float32)
     pm2 = PeftModel.from_pretrained(base2, tmp_path / "sub").eval()
-    sub_ref = _jax_logits(made["base"], made["config"], sub, sub_cfg.scale)
+    sub_ref = _jax_logits(made["base"], made["config"], sub_cfg, sub)
     assert np.abs(sub_ref - _jax_logits(made["base"], made["config"])).max() > 1e-3
     np.testing.assert_allclose(_hf_logits(pm2), sub_ref, atol=1e-4, rtol=0)
-    sub_back, _ = load_peft_adapter(str(tmp_path / "sub"), made["base"])
+    sub_back, _ = Lora.load_peft(str(tmp_path / "sub"), made["base"])
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), sub_back, sub))
 
     # a scanned tree writes the same tensors and reads back stacked
     scanned = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), tree["layers_0"], tree["layers_1"])}
-    sc = lora_to_peft_tensors(scanned, made["config"].replace(scan_layers=True))
+    sc = adapter_to_peft_tensors(scanned, made["config"].replace(scan_layers=True))
     assert all(np.array_equal(sc[k], tensors[k]) for k in tensors) and sorted(sc) == sorted(tensors)
-    tree_s, _ = load_peft_adapter(str(out), made["config"].replace(scan_layers=True))
+    tree_s, _ = Lora.load_peft(str(out), made["config"].replace(scan_layers=True))
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), tree_s, scanned))
 
 

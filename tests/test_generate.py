@@ -41,7 +41,7 @@ def test_prompt_uses_training_template(gen):
     assert text.endswith("<|im_start|>assistant\n")
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(gen.eos_ids) == ["<|im_end|>", "</s>"]
-    assert gen.lora is not None and gen.lora_scale == 4.0  # rsLoRA: alpha / sqrt(r)
+    assert gen.method is not None and gen.method.scale == 4.0  # rsLoRA: alpha / sqrt(r)
 
 
 def test_kv_cache_equals_recompute_and_batched_equals_single(gen):
@@ -49,8 +49,8 @@ def test_kv_cache_equals_recompute_and_batched_equals_single(gen):
     assert len({len(p) for p in prompts}) > 1  # different lengths in one batch
     batched = gen.generate_ids(prompts, max_new_tokens=N)
     for p, (ids, why) in zip(prompts, batched):
-        ref = generate_no_cache(gen.params, gen.config, p, max_new_tokens=N, eos_ids=gen.eos_ids, lora=gen.lora,
-                                lora_scale=gen.lora_scale)
+        ref = generate_no_cache(gen.params, gen.config, p, max_new_tokens=N, eos_ids=gen.eos_ids, method=gen.method,
+                                method_vars=gen.method_vars)
         assert ids == ref
         assert gen.generate_ids([p], max_new_tokens=N) == [(ids, why)]
         assert (why == "length") == (len(ids) == N)
@@ -59,8 +59,9 @@ def test_kv_cache_equals_recompute_and_batched_equals_single(gen):
 def test_stops_on_end_of_turn(gen):
     p = gen.encode_prompt(PROMPTS[1])
     (ids, why), = gen.generate_ids([p], max_new_tokens=8)
-    g2 = Generator(**{**gen.__dict__, "eos_ids": [ids[2]]})  # pretend the 3rd token ends the turn
-    assert g2.generate_ids([p], max_new_tokens=8) == [(ids[:2], "stop")]
+    j = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])  # a token not generated before
+    g2 = Generator(**{**gen.__dict__, "eos_ids": [ids[j]]})  # pretend it ends the turn
+    assert g2.generate_ids([p], max_new_tokens=8) == [(ids[:j], "stop")]
 
 
 def test_cli_batched_equals_one_by_one(run_dir, gen, capsys):

@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from sft_jax import peft  # noqa: E402
 from sft_jax.models import forward  # noqa: E402
 from sft_jax.models.hf_io import load_hf  # noqa: E402
 
@@ -114,6 +115,8 @@ def family(request, build):
 
 
 def test_f32_parity(family):
+    """The plain model (no method; `model.kernels=auto`, i.e. the cpu set here) and the model through
+    the `full` method with the reference kernels both give HF's logits."""
     name, path, ref = family
     config, params = load_hf(path)
     ids, mask = batch()
@@ -123,6 +126,13 @@ def test_f32_parity(family):
     d = max_valid_diff(out, ref, mask)
     print(f"{name}: f32 max |diff| vs HF = {d:.2e} (max |logit| {np.abs(ref).max():.2f})")
     assert d <= F32_TOL, f"{name}: max |diff| {d:.2e} > {F32_TOL}"
+    full = peft.Full()
+    tr, fr = full.init(params, config, jax.random.PRNGKey(0))
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape)
+    via_full = np.asarray(jax.jit(full.forward, static_argnums=2)(tr, fr, config.replace(kernels="reference"),
+                                                                   jnp.asarray(ids), pos, jnp.asarray(mask)))
+    d_ref = max_valid_diff(via_full, ref, mask)
+    assert d_ref <= F32_TOL, f"{name}: reference kernels + full method: max |diff| {d_ref:.2e} > {F32_TOL}"
     assert np.abs(ref).max() > 1.0  # the comparison is not vacuous
     if name == "mistral":  # the sliding window (4 < T) changes the result, so the test exercises it
         assert config.sliding_window == 4
@@ -207,7 +217,8 @@ def _lora_tree(params, rank, rng, scanned):
 
 @pytest.mark.parametrize("scan,up_only", [(False, False), (True, False), (False, True)])
 def test_lora_collection_equals_merged_weights(build, scan, up_only):
-    """forward(lora=...) == forward with W + scale * A @ B merged; dropout path runs; grads flow.
+    """LoRA through the extension points == forward with W + scale * A @ B merged; dropout path runs;
+    grads flow.
     `up_only`: the MLP's fused gate/up dot with an adapter on one of the two."""
     _, path, _ = build("qwen2")
     config, params = load_hf(path, scan_layers=scan, remat="full" if scan else "none")
@@ -216,7 +227,9 @@ def test_lora_collection_equals_merged_weights(build, scan, up_only):
         for layer in lora.values():
             del layer["mlp"]["gate_proj"]
     assert "q_proj" in lora["layers" if scan else "layers_0"]["attn"]
-    scale = 0.5
+    method = peft.Lora(rank=4, alpha=2.0)
+    scale = method.scale
+    assert scale == 0.5
     merged = jax.tree.map(lambda x: x, params)
     for lk, layer in lora.items():
         for mod, dense in layer.items():
@@ -225,14 +238,14 @@ def test_lora_collection_equals_merged_weights(build, scan, up_only):
                 merged[lk][mod][name]["kernel"] = k + scale * jnp.matmul(ab["A"], ab["B"])
     ids, mask = batch()
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    f = jax.jit(functools.partial(forward, config=config, lora_scale=scale), static_argnames=())
-    with_lora = np.asarray(f(params, input_ids=ids, positions=pos, segment_ids=mask, lora=lora))
+    f = jax.jit(functools.partial(method.forward, model_config=config))
+    with_lora = np.asarray(f(lora, params, input_ids=ids, positions=pos, segment_ids=mask))
     ref = jax_logits(merged, config, ids, mask)
     assert max_valid_diff(with_lora, ref, mask) <= 1e-4
     # dropout on the LoRA input: different from deterministic, finite; gradients reach A and B
     def loss(lo, rng):
-        out = forward(params, config, ids, pos, mask, lora=lo, lora_scale=scale, lora_dropout=0.5,
-                      dropout_rng=rng, deterministic=False)
+        out = peft.Lora(rank=4, alpha=2.0, dropout=0.5).forward(lo, params, config, ids, pos, mask,
+                                                                dropout_rng=rng, deterministic=False)
         return jnp.mean(out**2)
 
     l1, g = jax.jit(jax.value_and_grad(loss))(lora, jax.random.PRNGKey(0))
@@ -268,10 +281,12 @@ def test_blocked_causal_attention_equals_dense():
     import jax.numpy as jnp
     import numpy as np
 
+    from sft_jax.kernels import cpu
     from sft_jax.models import llama
 
+    attend_causal = functools.partial(cpu.attend_causal, llama.attend)
     b, t, h, kv, hd = 2, 512, 4, 2, 16
-    assert llama._causal_chunk(t) == 128
+    assert cpu._causal_chunk(t) == 128
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, hd)), jnp.float32) for n in (h, kv, kv))
     seg = np.zeros((b, t), np.int32)
@@ -281,13 +296,13 @@ def test_blocked_causal_attention_equals_dense():
     mask = jnp.asarray((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0) & (idx[:, None] >= idx[None, :]))
 
     dense = llama.attend(q, k, v, mask, jnp.float32)
-    blocked = llama.attend_causal(q, k, v, mask, jnp.float32)
+    blocked = attend_causal(q, k, v, mask, jnp.float32)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(dense), atol=1e-6, rtol=1e-6)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask, jnp.float32)))
 
     g_dense = jax.grad(loss(llama.attend), argnums=(0, 1, 2))(q, k, v)
-    g_block = jax.grad(loss(llama.attend_causal), argnums=(0, 1, 2))(q, k, v)
+    g_block = jax.grad(loss(attend_causal), argnums=(0, 1, 2))(q, k, v)
     for a, c in zip(g_block, g_dense):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=1e-5)

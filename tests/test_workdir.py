@@ -1,7 +1,7 @@
 """Work directory: run.json round trip, load_run of a tiny trained run (partial and full restore), errors.
 
 `make_tiny_run` builds a real work directory with the project's components (init_params ->
-save_hf as the base, a chatml tokenizer, init_lora, a few optax steps over `llama.forward`,
+save_hf as the base, a chatml tokenizer, a method's init, a few optax steps over `llama.forward`,
 Checkpointer.save of {"trainable", "opt_state", "step", "rng"}, write_run_json), independent of
 the trainer CLI; test_export.py and test_generate.py reuse it.
 """
@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sft_jax import lora as lora_lib
+from sft_jax import peft
 from sft_jax.checkpoint import Checkpointer
 from sft_jax.config import default_config
 from sft_jax.models import llama
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.hf_io import save_hf
 from sft_jax.optim import make_optimizer
-from sft_jax.workdir import WorkdirError, available_steps, load_run, read_run_json, write_run_json
+from sft_jax.workdir import WorkdirError, available_steps, load_run, method_rng, read_run_json, write_run_json
 
 
 def tiny_tokenizer():
@@ -51,17 +51,17 @@ def make_tiny_run(workdir, *, rank: int = 4, steps: int = 3, save_steps=(3,), se
     cfg = default_config()
     cfg.model.path = base_dir
     cfg.data.template = "chatml"
-    cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora, cfg.lora.targets = rank, 8.0, rslora, targets
+    cfg.peft.method = "lora" if rank > 0 else "full"
+    if rank > 0:
+        cfg.peft.lora.rank, cfg.peft.lora.alpha, cfg.peft.lora.rslora, cfg.peft.lora.targets = rank, 8.0, rslora, targets
     cfg.train.lr, cfg.train.steps, cfg.train.warmup_steps = 2e-2, steps, 0
-    lcfg = lora_lib.LoraConfig.from_cfg(cfg.lora)
-    trainable, frozen = lora_lib.split_trainable(params, lcfg, jax.random.PRNGKey(seed + 1))
+    method = peft.from_config(cfg.peft)
+    trainable, frozen = method.init(params, mc, method_rng(cfg.to_dict()))
     opt, _ = make_optimizer(cfg.train, total_steps=steps)
     opt_state = opt.init(trainable)
-    scale = lcfg.scale
 
     def loss_fn(tr, x):
-        p, lo = (frozen, tr) if lcfg.enabled else (tr, None)
-        logits = llama.forward(p, mc, x[:, :-1], lora=lo, lora_scale=scale)
+        logits = method.forward(tr, frozen, mc, x[:, :-1])
         logp = jax.nn.log_softmax(logits, -1)
         return -jnp.mean(jnp.take_along_axis(logp, x[:, 1:, None], -1))
 
@@ -88,9 +88,9 @@ def make_tiny_run(workdir, *, rank: int = 4, steps: int = 3, save_steps=(3,), se
     from sft_jax.data.templates import stop_token_ids
 
     eos_ids = stop_token_ids(tok, "chatml")
-    write_run_json(workdir, base_model=base_dir, template="chatml", lora_cfg=cfg.lora, model_policy=cfg.model,
+    write_run_json(workdir, base_model=base_dir, template="chatml", method=method, model_policy=cfg.model,
                    eos_ids=eos_ids, config=cfg)
-    return dict(config=mc, base=params, trainable=trainable, saved=saved, tokenizer=tok, eos_ids=eos_ids, lora=lcfg)
+    return dict(config=mc, base=params, trainable=trainable, saved=saved, tokenizer=tok, eos_ids=eos_ids, method=method)
 
 
 _SHARED: dict = {}
@@ -119,14 +119,15 @@ def test_run_json_round_trip(tmp_path):
     base = tmp_path / "base_model"
     base.mkdir()
     p = write_run_json(tmp_path, base_model=str(base), template="chatml",
-                       lora_cfg=lora_lib.LoraConfig(rank=8, alpha=16, rslora=True, targets="q_proj,v_proj"),
+                       method=peft.Lora(rank=8, alpha=16, rslora=True, targets="q_proj,v_proj"),
                        model_policy={"dtype": "bfloat16", "param_dtype": "bfloat16", "scan_layers": True},
                        eos_ids=[5, 2], config=cfg)
     run = read_run_json(tmp_path)
     assert json.load(open(p)) == run
-    assert run["format"] == 1 and run["base_model"] == "base_model"  # inside the workdir: kept relative
-    assert run["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0, "rslora": True, "targets": "q_proj,v_proj"}
-    assert run["model"] == {"dtype": "bfloat16", "param_dtype": "bfloat16", "scan_layers": True}
+    assert run["format"] == 2 and run["base_model"] == "base_model"  # inside the workdir: kept relative
+    assert run["peft"] == {"method": "lora", "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "rslora": True,
+                                                      "targets": "q_proj,v_proj"}}
+    assert run["model"] == {"dtype": "bfloat16", "param_dtype": "bfloat16", "scan_layers": True, "kernels": "auto"}
     assert run["eos_ids"] == [5, 2] and run["tokenizer"] == "tokenizer" and run["template"] == "chatml"
     assert run["config"] == json.loads(json.dumps(cfg.to_dict()))
 
@@ -135,9 +136,9 @@ def test_load_run_latest_and_explicit_step(tiny_run):
     wd, made = tiny_run
     assert available_steps(wd) == [2, 3]
     run = load_run(wd)
-    assert run.step == 3 and run.is_lora and run.lora_cfg == made["lora"]
+    assert run.step == 3 and run.method == made["method"]
     assert _eq(run.trainable, made["saved"][3][0])
-    assert _eq(run.frozen_params, made["base"])
+    assert _eq(run.frozen, made["base"])
     b = run.trainable["layers_0"]["attn"]["q_proj"]["B"]
     assert float(jnp.abs(b).max()) > 0  # trained: B moved off zero
     assert run.opt_state is None and run.eos_ids == made["eos_ids"]

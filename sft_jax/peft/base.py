@@ -66,8 +66,9 @@ class Method(Hooks):
     # True when the base weights themselves are trained (full fine-tuning): the loss then needs the
     # LM head's gradient and FLOP accounting counts 6 N instead of 4 N + 6 N_trainable.
     trains_base: ClassVar[bool] = False
-    # True when `frozen_base` reads the base weights (False: the base only gives shapes; the
-    # work directory then restores everything from the checkpoint without loading the base).
+    # True when `frozen_base` reads the base weights. False (full fine-tuning): the checkpoint holds
+    # every trained weight, the work directory does not load the base, and `frozen_base` is called
+    # with ShapeDtypeStructs (it must then build its tree from shapes alone, e.g. {}).
     needs_base_weights: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ config
