@@ -406,8 +406,8 @@ def test_stories260k_finetuned_gguf_loads_in_transformers(shared_dir, tmp_path):
              "--config.model.init=pretrained", f"--config.model.path={base}",
              f"--config.data.path={shared_dir / 'data' / 'identity.json'}", "--config.data.template=chatml",
              "--config.data.max_length=128", "--config.train.steps=4", "--config.train.batch_size=4",
-             "--config.train.lr=1e-3", "--config.lora.rank=4", "--config.eval.num_generations=0",
-             "--config.eval.max_batches=1"]
+             "--config.train.lr=1e-3", "--config.peft.method=lora", "--config.peft.lora.rank=4",
+             "--config.eval.num_generations=0", "--config.eval.max_batches=1"]
     p = subprocess.run(train, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     p = subprocess.run([sys.executable, "-m", "sft_jax.export", f"--workdir={wd}", f"--out={tmp_path / 'gguf'}",

@@ -97,6 +97,8 @@ def test_metrics_fields_and_real_token_count(tmp_path):
     assert sum(r["trainable_tokens"] for r in rows) == expected_trainable
     info = json.loads((wd / "run_info.json").read_text())
     assert info["versions"]["jax"] and info["config"]["train"]["batch_size"] == 80
+    assert info["method"] == {"method": "full", "full": {}}  # the method and the kernel choice are recorded
+    assert info["kernels"]["requested"] == "auto" and info["kernels"]["kernels"] in ("cpu", "reference")
 
 
 @pytest.mark.slow

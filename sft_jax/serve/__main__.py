@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model or args.workdir))
     try:
         served = served_from_generator(gen, name)
-        engine = Engine(gen.params, gen.config, lora=gen.lora, lora_scale=gen.lora_scale, max_batch=args.max_batch,
+        engine = Engine(gen.params, gen.config, method=gen.method, method_vars=gen.method_vars,
+                        max_batch=args.max_batch,
                         max_len=args.max_model_len, max_queue=args.max_queue, mesh=mesh)
     except ValueError as e:
         raise UsageError(str(e)) from None

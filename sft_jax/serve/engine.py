@@ -152,13 +152,14 @@ def sample_rows(logits, temperature, top_p, top_k, seeds, steps):
 class Engine:
     """Slots + a background decode loop for one model (see the module docstring).
 
-    params / lora / lora_scale: as `llama.forward_with_cache` takes them.  `max_len`: the context of
+    params / method / method_vars: as `llama.forward_with_cache` takes them (a fine-tuning method's
+    hooks and variables, `Generator.method` / `.method_vars`; None for plain params).  `max_len`: the context of
     one slot (prompt + completion; default min(max_position_embeddings, 2048)).  `max_queue`: how
     many sequences may wait for a slot before `submit` refuses.  `mesh`: place the weights
     tensor-parallel (`sharding.LOGICAL_RULES`) and run under it.
     """
 
-    def __init__(self, params, config: ModelConfig, *, lora=None, lora_scale: float = 1.0, max_batch: int = 8,
+    def __init__(self, params, config: ModelConfig, *, method=None, method_vars=None, max_batch: int = 8,
                  max_len: int | None = None, max_queue: int = 64, mesh=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -170,16 +171,15 @@ class Engine:
         self.max_batch, self.max_len, self.max_queue = int(max_batch), max_len, int(max_queue)
         self.mesh = mesh
         self.buckets = length_buckets(max_len)
-        self.lora_scale = float(lora_scale)
-        self.params, self.lora = params, lora
+        self.params, self.method_vars = params, method_vars
         self.cache = llama.init_cache(config, self.max_batch, max_len)
         if mesh is not None:
             self.params = sharding.shard_params(params, config, mesh)
-            if lora is not None:
-                self.lora = jax.device_put(lora, sharding.replicated(mesh))
+            if method_vars:
+                self.method_vars = jax.device_put(method_vars, sharding.replicated(mesh))
             self.cache = jax.device_put(self.cache, cache_shardings(self.cache, config, mesh))
-        self._prefill = _jit_prefill(config, mesh, self.lora_scale)
-        self._decode = _jit_decode(config, mesh, self.lora_scale)
+        self._prefill = _jit_prefill(config, mesh, method)
+        self._decode = _jit_decode(config, mesh, method)
         b = self.max_batch
         self._tokens = np.zeros(b, np.int32)
         self._positions = np.zeros(b, np.int32)
@@ -245,10 +245,10 @@ class Engine:
         """Compile the decode step and every prefill bucket (before serving; not thread-safe with the loop)."""
         for bucket in self.buckets:
             ids = np.zeros((1, bucket), np.int32)
-            self.cache, _ = self._prefill(self.params, self.lora, self.cache, ids, np.int32(1), np.int32(0),
+            self.cache, _ = self._prefill(self.params, self.method_vars, self.cache, ids, np.int32(1), np.int32(0),
                                           np.int32(0), *self._row_sampling(SamplingParams(max_tokens=1)))
         self._positions[:] = 0
-        self.cache, _ = self._decode(self.params, self.lora, self.cache, self._tokens, self._positions,
+        self.cache, _ = self._decode(self.params, self.method_vars, self.cache, self._tokens, self._positions,
                                      np.zeros(self.max_batch, np.int32), np.int32(0), self._temp, self._top_p,
                                      self._top_k, self._seeds, self._steps)
         jax.block_until_ready(self.cache)
@@ -331,7 +331,7 @@ class Engine:
         ids = np.zeros((1, bucket), np.int32)
         ids[0, :n] = seq.prompt_ids
         start = (self._ring - n) % self.max_len
-        self.cache, tok = self._prefill(self.params, self.lora, self.cache, ids, np.int32(n), np.int32(r),
+        self.cache, tok = self._prefill(self.params, self.method_vars, self.cache, ids, np.int32(n), np.int32(r),
                                         np.int32(start), *self._row_sampling(seq.params))
         p = seq.params
         self._temp[r], self._top_p[r], self._top_k[r], self._seeds[r] = p.temperature, p.top_p, p.top_k, p.seed
@@ -342,7 +342,7 @@ class Engine:
 
     def _step(self) -> None:
         index = np.int32(self._ring % self.max_len)
-        self.cache, nxt = self._decode(self.params, self.lora, self.cache, self._tokens, self._positions,
+        self.cache, nxt = self._decode(self.params, self.method_vars, self.cache, self._tokens, self._positions,
                                        self._active.astype(np.int32), index, self._temp, self._top_p, self._top_k,
                                        self._seeds, self._steps)
         self._ring += 1
@@ -408,16 +408,16 @@ def cache_shardings(cache: dict, config: ModelConfig, mesh):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_prefill(config: ModelConfig, mesh, lora_scale: float):
-    def prefill(params, lora, cache, ids, length, row, start, temperature, top_p, top_k, seed):
+def _jit_prefill(config: ModelConfig, mesh, method):
+    def prefill(params, method_vars, cache, ids, length, row, start, temperature, top_p, top_k, seed):
         with mesh_rules(mesh):
             bucket = ids.shape[1]
             small = llama.init_cache(config, 1, bucket, dtype=cache["k"].dtype)
             ar = jnp.arange(bucket, dtype=jnp.int32)
             seg = (ar < length).astype(jnp.int32)[None]
             pos = jnp.where(seg > 0, ar[None], 0)
-            logits, small = llama.forward_with_cache(params, config, ids, pos, small, segment_ids=seg, lora=lora,
-                                                     lora_scale=lora_scale)
+            logits, small = llama.forward_with_cache(params, config, ids, pos, small, segment_ids=seg, method=method,
+                                                     method_vars=method_vars)
             last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0, keepdims=True)
             tok = sample_rows(last, temperature[None], top_p[None], top_k[None], seed[None],
                               jnp.zeros((1,), jnp.int32))
@@ -434,12 +434,13 @@ def _jit_prefill(config: ModelConfig, mesh, lora_scale: float):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_decode(config: ModelConfig, mesh, lora_scale: float):
-    def decode(params, lora, cache, tokens, positions, active, index, temperature, top_p, top_k, seeds, steps):
+def _jit_decode(config: ModelConfig, mesh, method):
+    def decode(params, method_vars, cache, tokens, positions, active, index, temperature, top_p, top_k, seeds, steps):
         with mesh_rules(mesh):
             cache = dict(cache, index=index)
             logits, cache = llama.forward_with_cache(params, config, tokens[:, None], positions[:, None], cache,
-                                                     segment_ids=active[:, None], lora=lora, lora_scale=lora_scale)
+                                                     segment_ids=active[:, None], method=method,
+                                                     method_vars=method_vars)
             return cache, sample_rows(logits[:, 0], temperature, top_p, top_k, seeds, steps)
 
     decode.__name__ = decode.__qualname__ = "serve_decode"

@@ -260,15 +260,13 @@ class LocalTeacher(Teacher):
 
             from sft_jax.models import llama
 
-            cfg, lora, scale = self.gen.config, self.gen.lora, self.gen.lora_scale
+            cfg, method = self.gen.config, self.gen.method
 
-            def fwd(params, lora_params, x, pos, seg):
-                if lora_params is None:
-                    return llama.forward(params, cfg, x, pos, seg)
-                return llama.forward(params, cfg, x, pos, seg, lora=lora_params, lora_scale=scale)
+            def fwd(params, method_vars, x, pos, seg):
+                return llama.forward(params, cfg, x, pos, seg, method=method, method_vars=method_vars)
 
             jitted = jax.jit(fwd)
-            self._fwd = lambda x, pos, seg: jitted(self.gen.params, lora, x, pos, seg)
+            self._fwd = lambda x, pos, seg: jitted(self.gen.params, self.gen.method_vars, x, pos, seg)
         return self._fwd
 
     def loglik(self, pairs):
