@@ -189,7 +189,7 @@ def run_mode(mc_json: dict, mode: str, remat: str, a, batches) -> dict:
         trainable, opt_state, m = compiled(trainable, frozen, opt_state, batch, jax.random.fold_in(rng, i))
         losses.append(float(m["loss"]))
         times.append(time.perf_counter() - t)
-        flops.append(step_flops(mc, lens, lcfg.rank))
+        flops.append(step_flops(mc, lens, a.lora_rank if lora else 0))
         tokens.append(int(sum(lens)))
     steady = times[1:] or times
     med = statistics.median(steady)
