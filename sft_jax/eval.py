@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from rouge_score import rouge_scorer
 
-from sft_jax import lora as lora_lib
+from sft_jax import peft
 from sft_jax.config import default_config
 from sft_jax.data import pipeline, templates
 from sft_jax.data.formats import DataError
@@ -56,19 +56,19 @@ class EvalModel:
     data_config: dict | None = None  # the training run's data section (work directories only)
 
 
-def _eval_model(gen: Generator, trainable, frozen, lora_cfg: lora_lib.LoraConfig, data_config=None) -> EvalModel:
-    step = jax.jit(build_eval_step(gen.config, lora_cfg))
+def _eval_model(gen: Generator, trainable, frozen, method: peft.Method, data_config=None) -> EvalModel:
+    step = jax.jit(build_eval_step(gen.config, method))
     return EvalModel(gen, lambda batch: step(trainable, frozen, batch), data_config)
 
 
 def load_workdir_model(workdir: str, step: int | None = None) -> EvalModel:
-    """A trained run at `step` (latest when None): base + unmerged LoRA, or the full weights."""
+    """A trained run at `step` (latest when None): base and trained tree through its method (unmerged)."""
     run = load_run(workdir, step)
-    params, lora = (run.frozen_params, run.trainable) if run.is_lora else (run.trainable, None)
+    params, method_vars = run.method.model_inputs(run.trainable, run.frozen)
     gen = Generator(config=run.model_config, params=params, tokenizer=run.tokenizer, template=run.chat_template(),
-                    eos_ids=list(run.eos_ids), lora=lora, lora_scale=run.lora_scale if run.is_lora else 1.0,
+                    eos_ids=list(run.eos_ids), method=run.method, method_vars=method_vars,
                     name=f"{workdir}@{run.step}")
-    return _eval_model(gen, run.trainable, run.frozen_params, run.lora_cfg, dict(run.config_dict.get("data") or {}))
+    return _eval_model(gen, run.trainable, run.frozen, run.method, dict(run.config_dict.get("data") or {}))
 
 
 def load_hf_model(path: str) -> EvalModel:
@@ -76,7 +76,7 @@ def load_hf_model(path: str) -> EvalModel:
     gen = load_model_dir(path)
     if gen.tokenizer is None:
         raise UsageError(f"{path}: no tokenizer files; evaluation renders the data with a tokenizer")
-    return _eval_model(gen, gen.params, {}, lora_lib.LoraConfig())
+    return _eval_model(gen, gen.params, {}, peft.Full())
 
 
 def data_config(data: str, train_data: dict | None) -> ml_collections.ConfigDict:
