@@ -1,10 +1,13 @@
 """`sft_jax.serve`: the real `openai` client against a server on 127.0.0.1 (tiny random model built
 here): greedy outputs == `sft_jax.generate`, streaming, n/seed/stop, usage, OpenAI-style errors
 (malformed JSON, unknown model, too long, bad max_tokens, queue full), a disconnecting client frees
-its slot, no compilation after warm-up, SIGTERM drains (CLI in a subprocess)."""
+its slot, no compilation after warm-up, concurrent requests mixing LoRA adapters in one batch ==
+each adapter alone, other methods in engines of their own, SIGTERM drains (CLI in a subprocess),
+tensor-parallel generation on the 8-device mesh."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -16,7 +19,7 @@ import threading
 import time
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 import openai
 import pytest
 
@@ -27,8 +30,10 @@ from sft_jax.metrics import CompileCounter
 from sft_jax.models import llama
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.hf_io import save_hf
+from sft_jax.peft import Lora
+from sft_jax.serve.__main__ import load_adapter
 from sft_jax.serve.engine import Engine, SamplingParams, Seq
-from sft_jax.serve.server import ServerThread, create_app, served_from_generator
+from sft_jax.serve.server import ServerThread, build_models, create_app, served_from_generator
 
 MAX_LEN = 128
 QUESTIONS = ["Hello there! How are you today?", "What is two plus two?", "Tell me a story about a dog.",
@@ -62,8 +67,8 @@ def engine(gen):
 
 @pytest.fixture(scope="module")
 def server(gen, engine):
-    app = create_app(engine.start(), [served_from_generator(gen, "tiny-chat")])
-    with ServerThread(app, engine) as srv:
+    app = create_app([served_from_generator(gen, "tiny-chat", engine.start())])
+    with ServerThread(app, [engine]) as srv:
         yield srv
 
 
@@ -228,20 +233,6 @@ def test_openai_client_raises_typed_errors(client):
                                        max_tokens=0)
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--model=a", "--workdir=b"], "exactly one"),
-    (["--model=a", "--max_batch=0"], "max_batch"),
-    (["--model=a", "--log_level=loud"], "log_level"),
-    (["--model=/nonexistent"], "not a directory"),
-])
-def test_cli_bad_arguments(argv, match):
-    from sft_jax.export import UsageError
-    from sft_jax.serve.__main__ import main
-
-    with pytest.raises(UsageError, match=match):
-        main(argv)
-
-
 def _wait(pred, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not pred():
@@ -273,8 +264,8 @@ def test_bounded_queue_answers_429(gen):
     """A queue of two while the engine loop is held: the third request is refused with 429 (not
     queued); once the loop runs, the two queued requests complete."""
     eng = Engine(gen.params, gen.config, max_batch=1, max_len=MAX_LEN, max_queue=2)
-    app = create_app(eng, [served_from_generator(gen, "tiny-chat")])
-    with ServerThread(app, eng) as srv:
+    app = create_app([served_from_generator(gen, "tiny-chat", eng)])
+    with ServerThread(app, [eng]) as srv:
         body = {"model": "tiny-chat", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}
         out = []
         ts = [threading.Thread(target=lambda: out.append(post(srv, "/v1/completions", body))) for _ in range(2)]
@@ -308,17 +299,94 @@ def test_no_compilation_after_warmup(server, client):
     assert counter.count == 0, counter.names
 
 
+@pytest.mark.parametrize("argv,match", [
+    (["--model=a", "--workdir=b"], "exactly one"),
+    (["--model=a", "--max_batch=0"], "max_batch"),
+    (["--model=a", "--adapters=x"], "name=DIR"),
+    (["--model=a", "--adapters=x=a,x=b"], "twice"),
+    (["--model=a", "--log_level=loud"], "log_level"),
+    (["--model=/nonexistent"], "not a directory"),
+])
+def test_cli_bad_arguments(argv, match):
+    from sft_jax.export import UsageError
+    from sft_jax.serve.__main__ import main
+
+    with pytest.raises(UsageError, match=match):
+        main(argv)
+
+
+def lora_adapter(gen, rank, targets, seed):
+    """A Generator for a LoRA adapter over gen's base with random (non-zero) A and B."""
+    method = Lora(rank=rank, alpha=2.0 * rank, targets=targets)
+    trainable, frozen = method.init(gen.params, gen.config, jax.random.PRNGKey(seed))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed + 100), len(jax.tree.leaves(trainable))))
+    trainable = jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape, jnp.float32), trainable)
+    params, method_vars = method.model_inputs(trainable, frozen)
+    return dataclasses.replace(gen, params=params, method=method, method_vars=method_vars, name=f"lora{seed}")
+
+
+class SublayerScale(Lora):
+    """A method that also changes a sublayer output: not stackable (gets its own engine)."""
+
+    def sublayer_out(self, kind, h, site):
+        return h * 1.5
+
+
+def test_mixed_adapters_in_one_batch_equal_each_adapter_alone(gen, tmp_path):
+    """Concurrent requests for the base and two LoRA adapters (different ranks and targets; one read
+    back from a PEFT adapter directory as `--adapters` does) share one engine and its batches; each
+    answer equals `sft_jax.generate` greedy with that adapter alone."""
+    a1 = lora_adapter(gen, 4, "all-linear", seed=1)
+    a1.method.save_peft(str(tmp_path / "a1"), a1.method_vars["method"], gen.params, gen.config)
+    a1_peft = load_adapter(str(tmp_path / "a1"), gen)
+    a2 = lora_adapter(gen, 2, "q_proj,v_proj,down_proj", seed=2)
+    other = lora_adapter(gen, 2, "q_proj", seed=3)
+    other = dataclasses.replace(other, method=SublayerScale(rank=2, alpha=4.0, targets="q_proj"))
+    models = build_models([("base", gen), ("a1", a1_peft), ("a2", a2), ("other", other)], max_batch=4,
+                          max_len=64)
+    eng = models[0].engine
+    assert [m.engine is eng for m in models] == [True, True, True, False]
+    assert [m.adapter for m in models[:3]] == [0, 1, 2] and eng.num_adapters == 2
+    eng.warmup()
+    app = create_app(models[:3])
+    msgs = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    want = {name: reference(g, msgs, [16] * 3) for name, g in (("base", gen), ("a1", a1), ("a2", a2))}
+    assert len({want[n][0][0] for n in want}) == 3  # the adapters change the output
+    with ServerThread(app, [eng.start()]) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        jobs = [(name, i) for i in range(3) for name in ("base", "a1", "a2")]
+        got = {}
+
+        def call(name, i):
+            r = client.chat.completions.create(model=name, messages=msgs[i], max_tokens=16, temperature=0)
+            got[name, i] = (r.choices[0].message.content, r.choices[0].finish_reason)
+
+        threads = [threading.Thread(target=call, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [m.id for m in client.models.list().data] == ["base", "a1", "a2"]
+        assert eng.stats()["decode_steps"] < len(jobs) * 15  # the rows were decoded together
+    for name, i in jobs:
+        assert got[name, i] == want[name][i][:2], (name, i)
+
+
 @pytest.mark.slow
 def test_cli_serves_and_sigterm_drains(gen, tmp_path):
-    """`python -m sft_jax.serve --model=DIR`: a request in flight when SIGTERM arrives completes
-    in full; new requests are refused; the process exits 0."""
+    """`python -m sft_jax.serve --model=DIR --adapters=name=PEFT_DIR`: both ids served (the adapter's
+    greedy answer == generate with it); a stream in flight when SIGTERM arrives completes in full; the
+    process exits 0."""
     model_dir = gen.name  # load_model_dir names the Generator by its directory
+    lora = lora_adapter(gen, 4, "all-linear", seed=5)
+    lora.method.save_peft(str(tmp_path / "lora5"), lora.method_vars["method"], gen.params, gen.config)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "sft_jax.serve", f"--model={model_dir}", f"--port={port}",
-                             "--max_model_len=128", "--max_batch=2", "--log_level=warning"],
+                             "--max_model_len=128", "--max_batch=2", "--log_level=warning",
+                             f"--adapters=lora5={tmp_path / 'lora5'}"],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -331,7 +399,10 @@ def test_cli_serves_and_sigterm_drains(gen, tmp_path):
             except openai.APIConnectionError:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
                 time.sleep(0.3)
+        assert [x.id for x in client.models.list().data] == ["tiny-chat", "lora5"]
         m = [{"role": "user", "content": QUESTIONS[0]}]
+        r = client.chat.completions.create(model="lora5", messages=m, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == reference(lora, [m], [12])[0][0]
         stream = client.chat.completions.create(model="tiny-chat", messages=m, max_tokens=60, temperature=0,
                                                 stream=True)
         it = iter(stream)

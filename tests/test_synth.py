@@ -314,7 +314,7 @@ def test_against_sft_jax_serve(tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"Name a {w}.", "completion": f"A {w}."}) + "\n"
                             for w in ("fruit", "river", "tree")))
     ev, ds, ds2 = tmp_path / "ev.jsonl", tmp_path / "ds.jsonl", tmp_path / "ds2.jsonl"
-    with ServerThread(create_app(engine.start(), [served_from_generator(gen, "tiny-chat")]), engine) as srv:
+    with ServerThread(create_app([served_from_generator(gen, "tiny-chat", engine.start())]), [engine]) as srv:
         t = [f"--teacher={srv.url}/v1", "--teacher-model=tiny-chat", "--no-progress", "--max-tokens=16"]
         assert cli.main(["evol-instruct", *t, f"--data={data}", "--rounds=1", f"--out={ev}"]) == 0
         assert cli.main(["distill", *t, f"--prompts={data}", "--n=2", f"--out={ds}"]) == 0

@@ -1,28 +1,36 @@
 """Serve a trained work directory or a Hugging Face model with an OpenAI-compatible HTTP API.
 
-    python -m sft_jax.serve --workdir=DIR [--step=N] | --model=HF_DIR
+    python -m sft_jax.serve --workdir=DIR [--step=N] | --model=HF_DIR [--adapters=name=DIR,...]
         [--host=127.0.0.1] [--port=8000] [--served_model_name=NAME]
         [--max_batch=8] [--max_model_len=N] [--max_queue=64] [--tensor_parallel=1] [--dtype=float32|bfloat16]
 
-The model id is `--served_model_name` (default: the directory's base name).  The engine compiles
-its decode step and every prefill length bucket before the port opens (no request compiles).
+The model id is `--served_model_name` (default: the directory's base name).  `--adapters` adds
+models over the same base, each `name=DIR` with DIR a training work directory (its method and
+trained tree; its own template and stop ids) or a PEFT adapter directory (adapter_config.json; the
+base's template): a request's `model` picks one, and requests for different low-rank adapters are
+decoded in one batch (`sft_jax.serve.adapters`); other methods run in an engine of their own.
+Each engine compiles its decode step and every prefill length bucket before the port opens (no
+request compiles).
 SIGTERM / Ctrl-C: stop admitting (503), finish the in-flight requests (up to --drain_timeout s),
 exit 0.  Bad arguments print one line on stderr and exit with code 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import time
 
+import jax
 import uvicorn
 
 from sft_jax import generate as gen_lib
+from sft_jax import peft
 from sft_jax.export import OneLineArgumentParser, UsageError, run_cli
-from sft_jax.serve.engine import Engine
-from sft_jax.serve.server import DrainingServer, create_app, served_from_generator
+from sft_jax.peft import PeftFormatError
+from sft_jax.serve.server import DrainingServer, build_models, create_app
 from sft_jax.sharding import ShardingError, tensor_parallel_mesh
 from sft_jax.workdir import check_workdir
 
@@ -36,6 +44,7 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--workdir", default=None, help="a training work directory")
     p.add_argument("--step", type=int, default=None, help="--workdir checkpoint step (default: the latest)")
     p.add_argument("--served_model_name", default=None, help="model id (default: the directory's name)")
+    p.add_argument("--adapters", default="", help="name=DIR,... : work directories or PEFT adapter directories")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_batch", type=int, default=8, help="decode slots (sequences decoded together)")
@@ -67,9 +76,46 @@ def _check_args(args) -> None:
         raise UsageError(f"--log_level={args.log_level!r} is not one of debug, info, warning, error, critical")
 
 
+def parse_adapters(spec: str) -> list[tuple[str, str]]:
+    """`name=DIR,name2=DIR2` -> [(name, DIR), ...] (UsageError on a malformed or repeated name)."""
+    out: list[tuple[str, str]] = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--adapters: expected name=DIR, got {item!r}")
+        if name in [n for n, _ in out]:
+            raise UsageError(f"--adapters: the name {name!r} is given twice")
+        out.append((name, path))
+    return out
+
+
+def load_adapter(path: str, base):
+    """A Generator for an adapter directory over `base` (a Generator): a work directory (its own
+    method, trained tree, template, stop ids) or a PEFT adapter directory (read by the method whose
+    PEFT format it is; the base's tokenizer, template and stop ids)."""
+    if os.path.isfile(os.path.join(path, "run.json")):
+        check_workdir(path)
+        return gen_lib.load_workdir(path)
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise UsageError(f"--adapters: {path} has neither run.json (a work directory) nor adapter_config.json "
+                         f"(a PEFT adapter)")
+    errors = []
+    for cls in peft.METHODS.values():
+        try:
+            trainable, method = cls.load_peft(path, base.params)
+        except PeftFormatError as e:
+            errors.append(f"{cls.name}: {e}")
+            continue
+        frozen = method.frozen_base(base.params, base.config, jax.random.PRNGKey(0))
+        params, method_vars = method.model_inputs(trainable, frozen)
+        return dataclasses.replace(base, params=params, method=method, method_vars=method_vars, name=path)
+    raise UsageError(f"--adapters: no method reads {path}: " + "; ".join(errors))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _check_args(args)
+    adapters = parse_adapters(args.adapters)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("sft_jax").setLevel(args.log_level.upper())
     if args.model is not None:
@@ -86,23 +132,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         gen = gen_lib.load_workdir(args.workdir, args.step, param_dtype=args.dtype)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model or args.workdir))
+    entries = [(name, gen)] + [(n, load_adapter(path, gen)) for n, path in adapters]
+    if len({n for n, _ in entries}) < len(entries):
+        raise UsageError(f"--adapters: a name repeats the base model's id {name!r}")
     try:
-        served = served_from_generator(gen, name)
-        engine = Engine(gen.params, gen.config, method=gen.method, method_vars=gen.method_vars,
-                        max_batch=args.max_batch,
-                        max_len=args.max_model_len, max_queue=args.max_queue, mesh=mesh)
+        models = build_models(entries, max_batch=args.max_batch, max_len=args.max_model_len,
+                              max_queue=args.max_queue, mesh=mesh)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    log.info("loaded %s in %.1fs; compiling %d prefill buckets %s + the decode step (batch %d)", gen.name,
-             time.time() - t0, len(engine.buckets), engine.buckets, engine.max_batch)
+    engines = list({id(m.engine): m.engine for m in models}.values())
+    log.info("loaded %d model(s) in %.1fs into %d engine(s); compiling the prefill buckets %s + the decode step "
+             "(batch %d)", len(models), time.time() - t0, len(engines), engines[0].buckets, args.max_batch)
     t0 = time.time()
-    engine.warmup()
-    log.info("warm-up done in %.1fs; serving model '%s' on http://%s:%d/v1", time.time() - t0, name, args.host,
-             args.port)
-    engine.start()
-    config = uvicorn.Config(create_app(engine, [served]), host=args.host, port=args.port,
-                            log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout)
-    DrainingServer(config, engine).run()
+    for e in engines:
+        e.warmup()
+        e.start()
+    log.info("warm-up done in %.1fs; serving %s on http://%s:%d/v1", time.time() - t0,
+             ", ".join(m.name for m in models), args.host, args.port)
+    config = uvicorn.Config(create_app(models), host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    DrainingServer(config, engines).run()
     return 0
 
 

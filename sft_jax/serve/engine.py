@@ -15,6 +15,13 @@ sit does not matter; `prompt + max_tokens <= max_len` guarantees a row never ove
 Requests arriving while others decode are prefilled between two decode steps and join the next
 one (continuous batching); a finished or cancelled sequence frees its slot at once.
 
+Models
+------
+An engine runs one base `params` either with one fine-tuning method for every row (`method`,
+`method_vars`, as `llama.forward_with_cache`), or with a stack of low-rank adapters
+(`sft_jax.serve.adapters`): each sequence names its adapter (`Seq.adapter`, 0 = the plain base) and
+the step gathers every row's own A/B, so one batch mixes adapters.
+
 Shapes
 ------
 The decode step always runs the whole `[max_batch, 1]` batch, and a prefill runs `[1, bucket]` for
@@ -52,6 +59,8 @@ import numpy as np
 from sft_jax import sharding
 from sft_jax.models import llama
 from sft_jax.models.config import ModelConfig
+from sft_jax.models.hooks import METHOD
+from sft_jax.serve import adapters as adapter_lib
 from sft_jax.sampling import mesh_rules
 
 
@@ -107,6 +116,7 @@ class Seq:
     notify: Callable[[list[int], str | None], None]
     eos_ids: frozenset[int] = frozenset()
     detokenize: Callable[[list[int]], str] | None = None
+    adapter: int = 0  # index into the engine's adapter stack (0 = its plain params)
     out_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     text: str | None = None
@@ -152,15 +162,17 @@ def sample_rows(logits, temperature, top_p, top_k, seeds, steps):
 class Engine:
     """Slots + a background decode loop for one model (see the module docstring).
 
-    params / method / method_vars: as `llama.forward_with_cache` takes them (a fine-tuning method's
-    hooks and variables, `Generator.method` / `.method_vars`; None for plain params).  `max_len`: the context of
-    one slot (prompt + completion; default min(max_position_embeddings, 2048)).  `max_queue`: how
-    many sequences may wait for a slot before `submit` refuses.  `mesh`: place the weights
-    tensor-parallel (`sharding.LOGICAL_RULES`) and run under it.
+    params / method / method_vars: as `llama.forward_with_cache` takes them (one fine-tuning method
+    for every row), or `adapters`: the `adapters.low_rank_parts` of N low-rank adapters over these
+    params, stacked so that each sequence picks its own (`Seq.adapter`: 0 = the plain params,
+    i = adapters[i - 1]) and one batch mixes them.  `max_len`: the context of one slot (prompt +
+    completion; default min(max_position_embeddings, 2048)).  `max_queue`: how many sequences may
+    wait for a slot before `submit` refuses.  `mesh`: place the weights tensor-parallel
+    (`sharding.LOGICAL_RULES`; method variables and adapters replicated) and run under it.
     """
 
-    def __init__(self, params, config: ModelConfig, *, method=None, method_vars=None, max_batch: int = 8,
-                 max_len: int | None = None, max_queue: int = 64, mesh=None):
+    def __init__(self, params, config: ModelConfig, *, method=None, method_vars=None, adapters=None,
+                 max_batch: int = 8, max_len: int | None = None, max_queue: int = 64, mesh=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         limit = int(config.max_position_embeddings)
@@ -171,15 +183,24 @@ class Engine:
         self.max_batch, self.max_len, self.max_queue = int(max_batch), max_len, int(max_queue)
         self.mesh = mesh
         self.buckets = length_buckets(max_len)
-        self.params, self.method_vars = params, method_vars
+        if adapters and method is not None:
+            raise ValueError("give either one method for every row or stacked adapters, not both")
+        self.num_adapters = len(adapters or [])
+        stacked = bool(adapters)
+        # the per-step model input: the stacked adapters (gathered per row inside the step) or the method's
+        self.extra = adapter_lib.stack(adapters, config.scan_layers) if stacked else (method_vars or {})
+        self.params = params
         self.cache = llama.init_cache(config, self.max_batch, max_len)
         if mesh is not None:
+            if jax.tree.structure(params) != jax.tree.structure(llama.abstract_params(config)):
+                raise ValueError("tensor-parallel serving needs the plain parameter layout (this method stores the "
+                                 "base weights in another form); serve it on one device")
             self.params = sharding.shard_params(params, config, mesh)
-            if method_vars:
-                self.method_vars = jax.device_put(method_vars, sharding.replicated(mesh))
+            self.extra = jax.device_put(self.extra, sharding.replicated(mesh))
             self.cache = jax.device_put(self.cache, cache_shardings(self.cache, config, mesh))
-        self._prefill = _jit_prefill(config, mesh, method)
-        self._decode = _jit_decode(config, mesh, method)
+        hooks = adapter_lib.ROW_ADAPTERS if stacked else method
+        self._prefill = _jit_prefill(config, mesh, hooks, stacked)
+        self._decode = _jit_decode(config, mesh, hooks, stacked)
         b = self.max_batch
         self._tokens = np.zeros(b, np.int32)
         self._positions = np.zeros(b, np.int32)
@@ -189,6 +210,7 @@ class Engine:
         self._top_k = np.zeros(b, np.int32)
         self._seeds = np.zeros(b, np.int32)
         self._steps = np.zeros(b, np.int32)
+        self._rows = np.zeros(b, np.int32)  # each slot's adapter index
         self._slots: list[Seq | None] = [None] * b
         self._ring = 0  # g: the decode steps run so far
         self._pending: collections.deque[Seq] = collections.deque()
@@ -200,8 +222,11 @@ class Engine:
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------ public API
-    def check(self, prompt_len: int, max_tokens: int) -> None:
-        """Raise ContextLengthError unless a prompt of `prompt_len` with `max_tokens` fits a slot."""
+    def check(self, prompt_len: int, max_tokens: int, adapter: int = 0) -> None:
+        """Raise ContextLengthError unless a prompt of `prompt_len` with `max_tokens` fits a slot
+        (EngineError for an adapter index this engine does not hold)."""
+        if not 0 <= adapter <= self.num_adapters:
+            raise EngineError(f"adapter index {adapter} is not in [0, {self.num_adapters}]")
         if prompt_len < 1:
             raise EngineError("the prompt is empty (it needs at least one token)")
         if prompt_len + max_tokens > self.max_len:
@@ -214,7 +239,7 @@ class Engine:
         """Queue sequences (all or none). QueueFullError when the bounded queue would overflow,
         DrainingError while shutting down, ContextLengthError when one does not fit."""
         for s in seqs:
-            self.check(len(s.prompt_ids), s.params.max_tokens)
+            self.check(len(s.prompt_ids), s.params.max_tokens, s.adapter)
         with self._cv:
             if self._draining or self._stop:
                 raise DrainingError("the server is shutting down")
@@ -245,12 +270,12 @@ class Engine:
         """Compile the decode step and every prefill bucket (before serving; not thread-safe with the loop)."""
         for bucket in self.buckets:
             ids = np.zeros((1, bucket), np.int32)
-            self.cache, _ = self._prefill(self.params, self.method_vars, self.cache, ids, np.int32(1), np.int32(0),
-                                          np.int32(0), *self._row_sampling(SamplingParams(max_tokens=1)))
+            self.cache, _ = self._prefill(self.params, self.extra, self.cache, ids, np.int32(1), np.int32(0),
+                                          np.int32(0), np.int32(0), *self._row_sampling(SamplingParams(max_tokens=1)))
         self._positions[:] = 0
-        self.cache, _ = self._decode(self.params, self.method_vars, self.cache, self._tokens, self._positions,
-                                     np.zeros(self.max_batch, np.int32), np.int32(0), self._temp, self._top_p,
-                                     self._top_k, self._seeds, self._steps)
+        self.cache, _ = self._decode(self.params, self.extra, self.cache, self._tokens, self._positions,
+                                     np.zeros(self.max_batch, np.int32), self._rows, np.int32(0), self._temp,
+                                     self._top_p, self._top_k, self._seeds, self._steps)
         jax.block_until_ready(self.cache)
 
     def start(self) -> "Engine":
@@ -331,20 +356,21 @@ class Engine:
         ids = np.zeros((1, bucket), np.int32)
         ids[0, :n] = seq.prompt_ids
         start = (self._ring - n) % self.max_len
-        self.cache, tok = self._prefill(self.params, self.method_vars, self.cache, ids, np.int32(n), np.int32(r),
-                                        np.int32(start), *self._row_sampling(seq.params))
+        self.cache, tok = self._prefill(self.params, self.extra, self.cache, ids, np.int32(n), np.int32(r),
+                                        np.int32(start), np.int32(seq.adapter), *self._row_sampling(seq.params))
         p = seq.params
         self._temp[r], self._top_p[r], self._top_k[r], self._seeds[r] = p.temperature, p.top_p, p.top_k, p.seed
         self._positions[r] = n
+        self._rows[r] = seq.adapter
         self._steps[r] = 1
         self._active[r] = True
         self._emit(r, int(np.asarray(tok)[0]))
 
     def _step(self) -> None:
         index = np.int32(self._ring % self.max_len)
-        self.cache, nxt = self._decode(self.params, self.method_vars, self.cache, self._tokens, self._positions,
-                                       self._active.astype(np.int32), index, self._temp, self._top_p, self._top_k,
-                                       self._seeds, self._steps)
+        self.cache, nxt = self._decode(self.params, self.extra, self.cache, self._tokens, self._positions,
+                                       self._active.astype(np.int32), self._rows, index, self._temp, self._top_p,
+                                       self._top_k, self._seeds, self._steps)
         self._ring += 1
         self.steps_run += 1
         nxt = np.asarray(nxt)
@@ -407,10 +433,18 @@ def cache_shardings(cache: dict, config: ModelConfig, mesh):
     return {"k": kv, "v": kv, "positions": rep, "index": rep}
 
 
+def _model_inputs(extra, rows, config: ModelConfig, hooks, stacked: bool):
+    """(traced) `(method, method_vars)` of one step: the rows' gathered adapters, or the one method's."""
+    if stacked:
+        return hooks, {METHOD: adapter_lib.gather_rows(extra, rows, config.scan_layers)}
+    return hooks, extra
+
+
 @functools.lru_cache(maxsize=None)
-def _jit_prefill(config: ModelConfig, mesh, method):
-    def prefill(params, method_vars, cache, ids, length, row, start, temperature, top_p, top_k, seed):
+def _jit_prefill(config: ModelConfig, mesh, hooks, stacked: bool):
+    def prefill(params, extra, cache, ids, length, row, start, adapter, temperature, top_p, top_k, seed):
         with mesh_rules(mesh):
+            method, method_vars = _model_inputs(extra, adapter[None], config, hooks, stacked)
             bucket = ids.shape[1]
             small = llama.init_cache(config, 1, bucket, dtype=cache["k"].dtype)
             ar = jnp.arange(bucket, dtype=jnp.int32)
@@ -434,9 +468,11 @@ def _jit_prefill(config: ModelConfig, mesh, method):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_decode(config: ModelConfig, mesh, method):
-    def decode(params, method_vars, cache, tokens, positions, active, index, temperature, top_p, top_k, seeds, steps):
+def _jit_decode(config: ModelConfig, mesh, hooks, stacked: bool):
+    def decode(params, extra, cache, tokens, positions, active, rows, index, temperature, top_p, top_k, seeds,
+               steps):
         with mesh_rules(mesh):
+            method, method_vars = _model_inputs(extra, rows, config, hooks, stacked)
             cache = dict(cache, index=index)
             logits, cache = llama.forward_with_cache(params, config, tokens[:, None], positions[:, None], cache,
                                                      segment_ids=active[:, None], method=method,
@@ -445,4 +481,3 @@ def _jit_decode(config: ModelConfig, mesh, method):
 
     decode.__name__ = decode.__qualname__ = "serve_decode"
     return jax.jit(decode, donate_argnums=(2,))
-

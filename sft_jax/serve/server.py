@@ -23,6 +23,7 @@ import secrets
 import socket
 import threading
 import time
+import logging
 import uuid
 from typing import Any, Callable
 
@@ -30,18 +31,24 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from sft_jax.serve.adapters import NotStackable, low_rank_parts, same_tree
 from sft_jax.serve.engine import Engine, EngineError, SamplingParams, Seq
 from sft_jax.serve.protocol import BadRequest, Options, error_body, parse_chat, parse_completion
+
+log = logging.getLogger("sft_jax.serve")
 
 
 @dataclasses.dataclass
 class ServedModel:
-    """One model id of `/v1/models`: how its prompts are encoded/decoded and its end tokens.
+    """One model id of `/v1/models`: the engine (and adapter index in it) that decodes it, how its
+    prompts are encoded/decoded and its end tokens.
 
     `encode_messages(messages) -> ids` (None: the model has no chat template),
     `encode_text(text) -> ids`, `decode(ids) -> text`."""
 
     name: str
+    engine: Engine
+    adapter: int
     encode_messages: Callable[[list[dict]], list[int]] | None
     encode_text: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
@@ -51,17 +58,57 @@ class ServedModel:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
-def served_from_generator(gen, name: str, parent: str | None = None) -> ServedModel:
+def served_from_generator(gen, name: str, engine: Engine, adapter: int = 0, parent: str | None = None) -> ServedModel:
     """A `ServedModel` for an `sft_jax.generate.Generator` (template, tokenizer and stop ids as generate)."""
     if gen.tokenizer is None:
         raise ValueError(f"{gen.name}: serving needs a tokenizer (none found beside the model)")
     return ServedModel(
-        name=name,
+        name=name, engine=engine, adapter=adapter,
         encode_messages=gen.encode_messages if gen.template else None,
         encode_text=lambda text: list(gen.tokenizer(text)["input_ids"]),
         decode=gen.decode, eos_ids=frozenset(int(e) for e in gen.eos_ids), vocab_size=int(gen.config.vocab_size),
         parent=parent,
     )
+
+
+def build_models(entries: list[tuple[str, Any]], **engine_kw) -> list[ServedModel]:
+    """`ServedModel`s (engines built, not started) for `(name, Generator)` entries.
+
+    Entries whose method is purely low-rank (`adapters.low_rank_parts`) and whose params and model
+    config equal an earlier such entry's share that entry's engine: one base, an adapter stack, any
+    mix of them per batch.  Every other entry (another base, or a method such as DoRA or a quantised
+    base) gets an engine of its own running its method unmerged.  A group of one runs its method
+    directly.  `engine_kw`: `Engine`'s keyword arguments (max_batch, max_len, max_queue, mesh)."""
+    groups: list[dict] = []  # {"gen", "members": [(name, gen, parts)], "stackable"}
+    for name, gen in entries:
+        try:
+            parts = low_rank_parts(gen.method, gen.method_vars, gen.config)
+        except NotStackable as e:
+            log.info("model '%s' gets an engine of its own: %s", name, e)
+            parts = None
+        home = None
+        if parts is not None:
+            home = next((g for g in groups if g["stackable"] and g["gen"].config == gen.config
+                         and same_tree(g["gen"].params, gen.params)), None)
+        if home is None:
+            home = {"gen": gen, "members": [], "stackable": parts is not None}
+            groups.append(home)
+        home["members"].append((name, gen, parts))
+    out = []
+    for g in groups:
+        base = g["gen"]
+        if len(g["members"]) == 1:
+            engine = Engine(base.params, base.config, method=base.method, method_vars=base.method_vars, **engine_kw)
+            out.append(served_from_generator(base, g["members"][0][0], engine))
+            continue
+        adapters = [parts for _, _, parts in g["members"] if parts]
+        engine = Engine(base.params, base.config, adapters=adapters, **engine_kw)
+        k = 0
+        for name, gen, parts in g["members"]:
+            k += bool(parts)
+            out.append(served_from_generator(gen, name, engine, k if parts else 0,
+                                             parent=None if name == g["members"][0][0] else g["members"][0][0]))
+    return out
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -100,14 +147,22 @@ def _stream_safe(text: str, stops: tuple[str, ...]) -> str:
     return text[: len(text) - hold]
 
 
-def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
-    """The FastAPI app serving `models` (the first is the default base) through `engine`."""
+def create_app(models: list[ServedModel]) -> FastAPI:
+    """The FastAPI app serving `models` through their engines (started by the caller; drained and
+    joined when the app shuts down)."""
     by_name = {m.name: m for m in models}
+    engines = list({id(m.engine): m.engine for m in models}.values())
+
+    def shutdown_all() -> None:
+        for e in engines:
+            e.begin_drain()
+        for e in engines:
+            e.shutdown()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
-        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, shutdown_all)
 
     app = FastAPI(title="sft_jax", lifespan=lifespan)
 
@@ -126,6 +181,7 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
 
     def make_seqs(model: ServedModel, prompts: list[list[int]], opts: Options, bridge: _Bridge,
                   prompt_field: str) -> list[Seq]:
+        engine = model.engine
         seqs = []
         base_seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
         for p, ids in enumerate(prompts):
@@ -137,7 +193,7 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
                                  prompt_field)
             max_tokens = opts.max_tokens if opts.max_tokens is not None else engine.max_len - len(ids)
             try:
-                engine.check(len(ids), max(max_tokens, 1))
+                engine.check(len(ids), max(max_tokens, 1), model.adapter)
             except EngineError as e:
                 raise BadRequest(str(e), prompt_field if opts.max_tokens is None else "max_tokens",
                                  code="context_length_exceeded") from None
@@ -146,10 +202,10 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
                 params = SamplingParams(max_tokens=max_tokens, temperature=opts.temperature, top_p=opts.top_p,
                                         top_k=opts.top_k, seed=(base_seed + i) % 2**31, stop=opts.stop)
                 seqs.append(Seq(list(ids), params, bridge.notifier(i), eos_ids=model.eos_ids,
-                                detokenize=model.decode))
+                                detokenize=model.decode, adapter=model.adapter))
         return seqs
 
-    def submit(seqs: list[Seq]) -> None:
+    def submit(engine: Engine, seqs: list[Seq]) -> None:
         try:
             engine.submit(seqs)
         except EngineError as e:
@@ -163,7 +219,7 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
         c = sum(len(s.out_ids) for s in seqs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def wait_all(request: Request, seqs: list[Seq], bridge: _Bridge) -> None:
+    async def wait_all(request: Request, engine: Engine, seqs: list[Seq], bridge: _Bridge) -> None:
         """Until every sequence finished; cancels them if the client disconnects."""
         left = len(seqs)
         try:
@@ -180,7 +236,7 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
             if left:
                 engine.cancel(seqs)
 
-    def failure(seqs: list[Seq]) -> JSONResponse | None:
+    def failure(engine: Engine, seqs: list[Seq]) -> JSONResponse | None:
         if any(s.finish_reason == "error" for s in seqs):
             return _error(500, f"generation failed: {engine.error!r}", "server_error")
         if any(s.finish_reason == "cancelled" for s in seqs):
@@ -190,14 +246,14 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
     async def respond(request: Request, model: ServedModel, prompts: list[list[int]], opts: Options, chat: bool):
         bridge = _Bridge(asyncio.get_running_loop())
         seqs = make_seqs(model, prompts, opts, bridge, "messages" if chat else "prompt")
-        submit(seqs)
+        submit(model.engine, seqs)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if opts.stream:
             return StreamingResponse(stream(rid, created, model, prompts, seqs, opts, bridge, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        await wait_all(request, seqs, bridge)
-        bad = failure(seqs)
+        await wait_all(request, model.engine, seqs, bridge)
+        bad = failure(model.engine, seqs)
         if bad is not None:
             return bad
         choices = []
@@ -209,6 +265,7 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
                 "model": model.name, "choices": choices, "usage": usage(prompts, seqs)}
 
     async def stream(rid, created, model, prompts, seqs, opts, bridge, chat):
+        engine = model.engine
         obj = "chat.completion.chunk" if chat else "text_completion"
         sent = [""] * len(seqs)
         left = len(seqs)
@@ -277,32 +334,36 @@ def create_app(engine: Engine, models: list[ServedModel]) -> FastAPI:
     async def list_models():
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": m.created, "owned_by": "sft_jax",
-             "root": m.parent or m.name, "parent": m.parent, "max_model_len": engine.max_len} for m in models]}
+             "root": m.parent or m.name, "parent": m.parent, "max_model_len": m.engine.max_len} for m in models]}
 
     @app.get("/health")
     async def health():
-        st = engine.stats()
-        if engine.error is not None:
-            return JSONResponse({"status": "error", "error": repr(engine.error), **st}, status_code=500)
-        if st["draining"]:
-            return JSONResponse({"status": "draining", **st}, status_code=503)
-        return {"status": "ok", **st}
+        """Status and the first engine's counters (`engines`: every engine's)."""
+        stats = [e.stats() for e in engines]
+        body = {**stats[0], "engines": stats}
+        failed = [e for e in engines if e.error is not None]
+        if failed:
+            return JSONResponse({"status": "error", "error": repr(failed[0].error), **body}, status_code=500)
+        if any(st["draining"] for st in stats):
+            return JSONResponse({"status": "draining", **body}, status_code=503)
+        return {"status": "ok", **body}
 
     return app
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server; on SIGINT/SIGTERM the engine stops admitting first (new requests get 503),
+    """uvicorn's server; on SIGINT/SIGTERM the engines stop admitting first (new requests get 503),
     then uvicorn stops listening and waits for in-flight responses, then the app's lifespan drains
     and joins the engine; `run()` then returns (uvicorn would re-raise the signal after its graceful
     shutdown, killing the process with it: a drained server exits normally instead)."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine):
+    def __init__(self, config: uvicorn.Config, engines: list[Engine]):
         super().__init__(config)
-        self.engine = engine
+        self.engines = engines
 
     def handle_exit(self, sig, frame) -> None:
-        self.engine.begin_drain()
+        for e in self.engines:
+            e.begin_drain()
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
 
@@ -310,18 +371,18 @@ class DrainingServer(uvicorn.Server):
 class ServerThread:
     """Run `app` with uvicorn on `host` (a free port) in a background thread:
 
-        with ServerThread(app, engine) as srv:
+        with ServerThread(app, engines) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
     """
 
-    def __init__(self, app: FastAPI, engine: Engine, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app: FastAPI, engines: list[Engine], host: str = "127.0.0.1", port: int = 0):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         cfg = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30)
-        self.server = DrainingServer(cfg, engine)
+        self.server = DrainingServer(cfg, engines)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":
