@@ -12,10 +12,12 @@ from __future__ import annotations
 from sft_jax.peft.base import Method, MethodConfigError, NotMergeable, PeftFormatError, count_params
 from sft_jax.peft.full import Full
 from sft_jax.peft.lora import Lora
+from sft_jax.peft.qlora import QLora
 
 METHODS: dict[str, type[Method]] = {
     Full.name: Full,
     Lora.name: Lora,
+    QLora.name: QLora,
 }
 
 
