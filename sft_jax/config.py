@@ -26,9 +26,11 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("flash", "dense", "pallas"),
     "model.kernels": ("auto", "reference", "cpu"),
-    "peft.method": ("full", "lora"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
+    "peft.method": ("full", "lora", "qlora"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
+    "peft.qlora.quant_type": ("nf4", "int8"),
+    "peft.qlora.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),
 }
 
 
@@ -120,6 +122,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.peft.lora.dropout = 0.0
     c.peft.lora.rslora = False  # rsLoRA: scale alpha / sqrt(rank) instead of alpha / rank
     c.peft.lora.targets = "all-linear"  # "all-linear", a comma list (q_proj,v_proj) or a regex over module paths
+    # QLoRA: the frozen base quantised as bitsandbytes does; the adapter is peft.lora's
+    c.peft.qlora = ml_collections.ConfigDict()
+    c.peft.qlora.quant_type = "nf4"  # nf4 (4-bit NormalFloat) | int8 (LLM.int8 row-wise weights)
+    c.peft.qlora.double_quant = True  # nf4: block scales quantised to 8 bits (bnb_4bit_use_double_quant)
+    c.peft.qlora.block_size = 64  # nf4 block (bitsandbytes' 4-bit base in transformers uses 64)
 
     # -------------------------------------------------------------- neftune
     c.neftune = ml_collections.ConfigDict()

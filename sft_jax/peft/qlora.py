@@ -10,7 +10,9 @@ adapter is LoRA with the `peft.lora.*` fields (rank, alpha, dropout, rslora, tar
 Trees: frozen = `{"params": the base without those kernels, "quant": {module path: {"kernel":
 NF4Tensor | Int8Tensor}}}` (the second goes to the model's METHOD_FROZEN collection); trainable =
 LoRA's `{path: {"A", "B"}}`. Quantisation happens while the base loads (`load_transform`, one tensor
-at a time); `frozen_base` also accepts float kernels (a model made in memory) and quantises them.
+at a time); `frozen_base` also accepts float kernels (a model made in memory) and quantises them on
+the host, and `jax.ShapeDtypeStruct` params (giving abstract quantised tensors, for `sft_jax.plan`;
+call it directly, not under `jax.eval_shape`: quantisation is host NumPy).
 
 Export: the PEFT adapter is a plain LoRA adapter (what PEFT trains on a bitsandbytes 4-bit base
 too: `PeftModel.from_pretrained` on a `BitsAndBytesConfig(load_in_4bit=True,
@@ -25,7 +27,6 @@ import functools
 from typing import Any, ClassVar
 
 import jax
-import ml_collections
 import numpy as np
 
 from sft_jax import quant
@@ -64,14 +65,6 @@ class QLora(Lora):
                                     f"(bitsandbytes' blocks; transformers' 4-bit base uses 64), got {self.block_size}")
 
     @classmethod
-    def config_section(cls) -> ml_collections.ConfigDict:
-        c = ml_collections.ConfigDict()
-        c.quant_type = "nf4"  # nf4 (4-bit NormalFloat, bitsandbytes) | int8 (LLM.int8 row-wise weights)
-        c.double_quant = True  # nf4: quantise the block scales to 8 bits (bnb_4bit_use_double_quant)
-        c.block_size = 64  # nf4 block; bitsandbytes' 4-bit base in transformers uses 64
-        return c
-
-    @classmethod
     def from_config(cls, peft_cfg) -> "QLora":
         lora, q = peft_cfg["lora"], peft_cfg["qlora"]
         return cls(rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora["dropout"]),
@@ -103,9 +96,14 @@ class QLora(Lora):
         return lambda path: fn if path[-1] == "kernel" and path[0].startswith("layers") else None
 
     def _quantise(self, kernel) -> Any:
-        """A float kernel `[*lead, in, out]` (device or host) -> quantised, layer by layer, placed as it was."""
+        """A float kernel `[*lead, in, out]` (device or host) -> quantised, layer by layer, placed as it was;
+        a `jax.ShapeDtypeStruct` -> the abstract quantised tensor (memory plans)."""
         if _quantised(kernel):
             return kernel
+        if isinstance(kernel, jax.ShapeDtypeStruct):
+            if self.quant_type == "nf4":
+                return quant.nf4.abstract(kernel.shape, self.block_size, self.double_quant)
+            return quant.int8.abstract(kernel.shape)
         fn = self.quantizer()
         host = np.asarray(jax.device_get(kernel), np.float32)
         parts = [fn(k) for k in host] if host.ndim == 3 else [fn(host)]
