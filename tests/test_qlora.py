@@ -257,6 +257,7 @@ def _peft_on_bnb_int8_loss(hf_dir, peft_model, ids):
     return real(input_ids=torch.from_numpy(ids).long(), labels=torch.from_numpy(ids).long()).loss.item()
 
 
+@pytest.mark.slow
 def test_peft_export_loads_on_bitsandbytes_base_and_merged_export_in_transformers(hf_dir, tmp_path):
     """`save_peft` -> PeftModel.from_pretrained on transformers' NF4 base: logits equal ours (<= 1e-4);
     `merge` (dequantised base + adapter) saved with save_hf -> plain transformers model: equal logits."""
@@ -280,3 +281,48 @@ def test_peft_export_loads_on_bitsandbytes_base_and_merged_export_in_transformer
     with torch.no_grad():
         theirs = plain(input_ids=torch.from_numpy(ids).long()).logits.numpy()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_train_step_equal_across_meshes():
+    """One QLoRA (NF4) train step on 8 fake devices (data 2, fsdp 2, tensor 2) gives the one-device loss,
+    gradient norm and updated adapters; the NF4 codes are sharded like the kernels."""
+    import ml_collections
+
+    from sft_jax.models.config import ModelConfig
+    from sft_jax.optim import make_optimizer
+    from sft_jax.train_step import StepOptions, make_train_step
+
+    cfg = ModelConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+    method = QLora(rank=4, alpha=8.0, targets="all-linear")
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(0)))
+    trainable, frozen = method.init(params, cfg, jax.random.key(1))
+    trainable = jax.tree.map(lambda x: np.asarray(x) + 0.02, trainable)  # B != 0: both A and B move
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
+    batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((8, 16), np.float32),
+             "segment_ids": np.ones((8, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1))}
+    tcfg = ml_collections.ConfigDict(dict(lr=1e-2, end_lr=0.0, schedule="constant", warmup_steps=0, b1=0.9,
+                                          b2=0.999, eps=1e-3, weight_decay=0.0, grad_clip=1.0))
+    opt, sched = make_optimizer(tcfg, 10)
+    results = []
+    for shape in [(1, 1, 1), (2, 2, 2)]:
+        n = int(np.prod(shape))
+        mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:n])
+        steps = make_train_step(cfg, mesh, trainable=trainable, frozen=frozen, optimizer=opt, schedule=sched,
+                                method=method, opts=StepOptions(), batch_size=8)
+        sh = steps.shardings
+        tr = jax.device_put(trainable, sh.trainable)
+        fr = jax.device_put(frozen, sh.frozen)
+        st = sharding.init_opt_state(opt, tr, sh.opt_state)
+        new, _, m = steps.train_step(tr, fr, st, jax.device_put(batch, sh.batch), jax.random.key(0))
+        results.append((jax.tree.map(np.asarray, new), float(m["loss"]), float(m["grad_norm"])))
+        if shape == (2, 2, 2):
+            codes = fr["quant"]["layers_0"]["mlp"]["up_proj"]["kernel"].codes  # [out, in/2]: (mlp, embed)
+            assert "tensor" in str(codes.sharding.spec) and "fsdp" in str(codes.sharding.spec)
+    ref, loss, gnorm = results[0]
+    for new, l2, g2 in results[1:]:
+        assert abs(l2 - loss) <= 1e-5 * abs(loss) and abs(g2 - gnorm) <= 1e-5 * abs(gnorm)
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
