@@ -269,14 +269,18 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}"
         )
 
-    # ---- parameters (frozen base), straight onto their shardings
+    # ---- parameters (frozen base), straight onto their shardings (QLoRA: quantised as they are read,
+    # unless the vocabulary is resized: the resized float base is saved first)
+    method = peft.from_config(cfg.peft)
+    transform = None if added else method.load_transform()
     base_dir = workdir / "base_model"
     axes = llama.param_logical_axes(model_config)
     param_sh = sharding.logical_shardings(axes, mesh, llama.abstract_params(model_config))
     if cfg.model.init == "tiny":
         # decided once for all processes (process 0 may write base_model/ while another still checks)
         if distributed.broadcast_from_main(int((base_dir / "config.json").exists())):
-            model_config, params = hf_io.load_hf(str(base_dir), shardings=param_sh, **_model_policy(cfg))
+            model_config, params = hf_io.load_hf(str(base_dir), shardings=param_sh, transform=transform,
+                                                 **_model_policy(cfg))
         else:
             params = jax.jit(lambda r: llama.init_params(model_config, r), out_shardings=param_sh)(
                 jax.random.PRNGKey(cfg.train.seed + 1)
@@ -285,7 +289,8 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
             distributed.barrier("base_model")
         base_model = str(base_dir)
     else:
-        model_config, params = hf_io.load_hf(cfg.model.path, shardings=param_sh, **_model_policy(cfg))
+        model_config, params = hf_io.load_hf(cfg.model.path, shardings=param_sh, transform=transform,
+                                             **_model_policy(cfg))
         base_model = os.path.abspath(cfg.model.path)
     if added:
         params, model_config = _resize_vocab(params, model_config, len(tokenizer))
@@ -305,7 +310,6 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
         tokenizer.save_pretrained(str(workdir / "tokenizer"))
 
     # ---- the fine-tuning method: its trainable tree (float32) and the frozen tree it trains against
-    method = peft.from_config(cfg.peft)
     rng_init = jax.random.PRNGKey(cfg.train.seed)
     trainable, frozen = method.init(params, model_config, workdir_lib.method_rng(cfg.to_dict()))
     del params

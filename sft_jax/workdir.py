@@ -260,7 +260,7 @@ def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None
     policy = dict(dtype=cdt, param_dtype=pdt, scan_layers=pol["scan_layers"], kernels=pol["kernels"])
     rng = method_rng(run.get("config") or {})
     if method.needs_base_weights:
-        model_config, params = hf_io.load_hf(base, **policy)
+        model_config, params = hf_io.load_hf(base, transform=method.load_transform(), **policy)
         frozen = method.frozen_base(params, model_config, rng)
         abstract_tr = jax.eval_shape(lambda p, f: method.init_trainable(p, f, model_config, rng), params, frozen)
     else:  # the checkpoint holds every trained weight; the base gives shapes only

@@ -326,3 +326,27 @@ def test_train_step_equal_across_meshes():
         assert abs(l2 - loss) <= 1e-5 * abs(loss) and abs(g2 - gnorm) <= 1e-5 * abs(gnorm)
         for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref)):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.slow
+def test_8b_qlora_plan(repo_dir):
+    """`sft_jax.plan` for configs/llama3_8b_qlora.py on a TPU v5e-8 (no weights): the frozen base per
+    device is the NF4 projections (4.13 bits a weight with double quantisation) plus the bf16
+    embeddings, head and norms, sharded 8 ways (configs/llama3_8b_lora.py: the bf16 base, 2.0 GB)."""
+    import json
+
+    from sft_jax.quant import nf4
+    from test_plan import _run
+
+    r, _ = _run(repo_dir, "--config=configs/llama3_8b_qlora.py", "--target=tpu-v5e-8", "--json", timeout=600)
+    assert r.returncode in (0, 3), r.stderr[-3000:]
+    p = json.loads(r.stdout)
+    h, f, kv, v, n_layers = 4096, 14336, 1024, 128256, 32
+    proj = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]
+    nf4_bytes = n_layers * sum(nf4.nbytes(s) for s in proj)
+    bf16_bytes = 2 * (2 * v * h + (2 * n_layers + 1) * h)
+    frozen = p["state_per_device"]["frozen_params"]
+    assert abs(frozen - (nf4_bytes + bf16_bytes) / 8) < 0.01 * frozen, (frozen, nf4_bytes, bf16_bytes)
+    assert frozen < 0.4 * 8_030_261_248 * 2 / 8  # vs the bf16 base of the LoRA recipe
+    assert p["model"]["params"] == 8_030_261_248 and p["fits"]
+    assert p["run"]["method"]["method"] == "qlora"

@@ -103,6 +103,17 @@ class Method(Hooks):
         frozen = self.frozen_base(params, model_config, rng)
         return self.init_trainable(params, frozen, model_config, rng), frozen
 
+    def abstract_init(self, abstract_params: Params, model_config, rng: jax.Array) -> tuple[Params, Params]:
+        """`init` on `jax.ShapeDtypeStruct` params -> abstract `(trainable, frozen)` (memory plans).
+        Default: `jax.eval_shape` of `init`; a method whose `frozen_base` runs on the host (QLoRA
+        quantises in NumPy) overrides it."""
+        return jax.eval_shape(lambda p: self.init(p, model_config, rng), abstract_params)
+
+    def load_transform(self):
+        """The per-tensor transform for `hf_io.load_hf(..., transform=...)` while the base loads (QLoRA:
+        quantise each projection as it is read, so the whole float base never sits in memory), or None."""
+        return None
+
     def variables(self, trainable: Params, frozen: Params) -> dict[str, Params]:
         """The model's variable collections. Default: base params in `params`, `trainable` in
         `METHOD`."""

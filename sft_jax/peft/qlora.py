@@ -123,6 +123,11 @@ class QLora(Lora):
             _set(rest, path, module)
         return {"params": rest, "quant": quantised}
 
+    def abstract_init(self, abstract_params: Params, model_config, rng) -> tuple[Params, Params]:
+        frozen = self.frozen_base(abstract_params, model_config, rng)  # ShapeDtypeStructs -> abstract tensors
+        trainable = jax.eval_shape(lambda p, f: self.init_trainable(p, f, model_config, rng), abstract_params, frozen)
+        return trainable, frozen
+
     def variables(self, trainable: Params, frozen: Params) -> dict[str, Params]:
         return {"params": frozen["params"], METHOD: trainable, METHOD_FROZEN: frozen["quant"]}
 
