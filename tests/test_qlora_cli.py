@@ -44,8 +44,9 @@ def stories(shared_dir, tmp_path_factory):
     return out
 
 
-def _train(workdir, base, quant_type):
+def _train(workdir, base, quant_type, data):
     _run("sft_jax.train", "--config=configs/lima_lora.py", f"--workdir={workdir}", f"--config.model.path={base}",
+         f"--config.data.path={data}",
          "--config.peft.method=qlora", f"--config.peft.qlora.quant_type={quant_type}",
          "--config.data.template=chatml", "--config.data.max_length=128", "--config.train.steps=30",
          "--config.train.batch_size=8", "--config.train.lr=2e-3", "--config.train.warmup_steps=2",
@@ -66,9 +67,9 @@ def _generate(workdir) -> list[int]:
 
 
 @pytest.mark.slow
-def test_qlora_nf4_cli_and_greedy_continuation_on_bitsandbytes(stories, tmp_path):
+def test_qlora_nf4_cli_and_greedy_continuation_on_bitsandbytes(stories, shared_dir, tmp_path):
     wd = tmp_path / "run"
-    _train(wd, stories, "nf4")
+    _train(wd, stories, "nf4", shared_dir / "data/lima.json")
     ours = _generate(wd)
     assert len(ours) >= 8
     _run("sft_jax.export", f"--workdir={wd}", f"--out={tmp_path / 'adapter'}", "--format=peft")
@@ -93,9 +94,9 @@ def test_qlora_nf4_cli_and_greedy_continuation_on_bitsandbytes(stories, tmp_path
 
 
 @pytest.mark.slow
-def test_qlora_int8_cli(stories, tmp_path):
+def test_qlora_int8_cli(stories, shared_dir, tmp_path):
     wd = tmp_path / "run"
-    _train(wd, stories, "int8")
+    _train(wd, stories, "int8", shared_dir / "data/lima.json")
     assert len(_generate(wd)) >= 8
     _run("sft_jax.export", f"--workdir={wd}", f"--out={tmp_path / 'adapter'}", "--format=peft")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
