@@ -7,7 +7,9 @@ computed by an XLA FFI custom call on CPU, with a custom VJP whose backward is t
 Build: at first use the C++ source is compiled with the system's g++ (`-O3 -march=native`, against
 the FFI headers that jaxlib ships) into a cache directory (`$SFT_JAX_CACHE`, default
 `~/.cache/sft_jax`), keyed by a hash of the source, the compiler flags, jax's version and the CPU's
-feature flags; later runs load the cached library. No compiler, or a failed build: `available()` is
+feature flags; later runs load the cached library. Only from a directory this user owns and nobody
+else can write (else a private mkdtemp), and only a file whose recorded key and hash match
+(`native_cache`); anything else is rebuilt. No compiler, or a failed build: `available()` is
 False (the reason is logged once) and sft_jax uses the XLA implementation.
 
 When it is used: only in the `model.kernels=cpu` set (`auto` on a CPU backend), for
@@ -38,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.kernels import native_cache
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention_cpu.cc")
@@ -58,19 +62,26 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SFT_JAX_CACHE") or Path.home() / ".cache" / "sft_jax")
+    """`$SFT_JAX_CACHE` or ~/.cache/sft_jax when safe for code, else a private temporary directory."""
+    return native_cache.safe_cache_dir(Path(os.environ.get("SFT_JAX_CACHE") or Path.home() / ".cache" / "sft_jax"))
+
+
+def _key() -> str:
+    """The hash of this source, these flags, this jax and this CPU (what a built library is for)."""
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CXXFLAGS).encode(), jax.__version__.encode(), _cpu_flags().encode()):
+        h.update(part)
+    return h.hexdigest()
 
 
 def library_path() -> Path:
     """Where the compiled kernel for this source, these flags, this jax and this CPU lives."""
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CXXFLAGS).encode(), jax.__version__.encode(), _cpu_flags().encode()):
-        h.update(part)
-    return _cache_dir() / f"attention_cpu_{h.hexdigest()[:16]}.so"
+    return _cache_dir() / f"attention_cpu_{_key()[:16]}.so"
 
 
 def build(path: Path) -> None:
-    """Compile the kernel to `path` (atomically: a temporary file renamed into place)."""
+    """Compile the kernel to `path` (atomically: a temporary file renamed into place) and record
+    its key and hash beside it (`native_cache.record`)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise RuntimeError("no C++ compiler (g++) on PATH")
@@ -83,6 +94,7 @@ def build(path: Path) -> None:
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
         os.replace(tmp, path)
+        native_cache.record(path, _key())
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -97,14 +109,9 @@ def available() -> bool:
             return _state["ok"]
         try:
             path = library_path()
-            if not path.exists():
+            if not native_cache.verified(path, _key()):  # missing, stale, altered or not ours: build it
                 t0 = time.perf_counter()
-                try:
-                    build(path)
-                except OSError:  # cache dir not writable: build under the temp dir
-                    path = Path(tempfile.gettempdir()) / "sft_jax_cache" / path.name
-                    if not path.exists():
-                        build(path)
+                build(path)
                 log.info("built the native CPU attention kernel in %.1f s: %s", time.perf_counter() - t0, path)
             lib = ctypes.cdll.LoadLibrary(str(path))
             for name, sym in (("sft_attention_fwd", lib.SftAttentionFwd), ("sft_attention_bwd", lib.SftAttentionBwd)):
