@@ -10,14 +10,18 @@ is one module here, one line in `METHODS`, and its `peft.<name>` fields in `sft_
 from __future__ import annotations
 
 from sft_jax.peft.base import Method, MethodConfigError, NotMergeable, PeftFormatError, count_params
+from sft_jax.peft.dora import Dora
 from sft_jax.peft.full import Full
 from sft_jax.peft.lora import Lora
+from sft_jax.peft.pissa import Pissa
 from sft_jax.peft.qlora import QLora
 
 METHODS: dict[str, type[Method]] = {
     Full.name: Full,
     Lora.name: Lora,
     QLora.name: QLora,
+    Dora.name: Dora,
+    Pissa.name: Pissa,
 }
 
 

@@ -17,8 +17,21 @@ with dropout the frozen path keeps the undropped input and only the DoRA correct
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from sft_jax.models.hooks import METHOD, Hooks, LinearCall, LowRank, dropout
+from sft_jax.peft.base import Params, PeftFormatError
+from sft_jax.peft.lora import (ADAPTER_CONFIG, Lora, _get, adapter_from_peft_tensors, adapter_leaves,
+                               adapter_to_peft_tensors, init_adapters, read_adapter, write_adapter)
+
+PEFT_MAGNITUDE = "lora_magnitude_vector"  # peft's name of the magnitude tensor ([out] per module)
 
 
 def _adapted(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -79,3 +92,92 @@ def merge(kernel: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array, s
     w = _adapted(kernel, a, b, scale)
     col_scale = magnitude.astype(jnp.float32) / jnp.linalg.norm(w, axis=-2)
     return (col_scale[..., None, :] * w).astype(kernel.dtype)
+
+
+# ------------------------------------------------------------------ the method
+def _dora_leaves(tree):
+    """(module path, leaf) of every DoRA-adapted module (A, B and magnitude)."""
+    return [(p, leaf) for p, leaf in adapter_leaves(tree) if "magnitude" in leaf]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dora(Lora):
+    """DoRA (`peft.method=dora`) on the projections `peft.lora.targets` selects, with LoRA's fields
+    (`peft.lora.rank/alpha/dropout/rslora/targets`; peft's `LoraConfig(use_dora=True)`).
+
+    Trainable tree: LoRA's `{"A", "B"}` plus `"magnitude"` [*lead, out] per adapted module; frozen = the base
+    params. `low_rank` is None (the output is not `x W + s x A B`), so fused projection kernels leave the
+    adapted projections to `linear`."""
+
+    name: ClassVar[str] = "dora"
+
+    def run_config(self) -> dict:
+        return {"method": self.name, "lora": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    def describe(self) -> str:
+        return f"DoRA{' (rsLoRA scale)' if self.rslora else ''} r={self.rank} alpha={self.alpha:g} targets={self.targets}"
+
+    def init_trainable(self, params: Params, frozen: Params, model_config, rng) -> Params:
+        tree = init_adapters(params, self.targets, self.rank, rng)
+        for path, leaf in adapter_leaves(tree):
+            leaf["magnitude"] = init_magnitude(_get(frozen, path)["kernel"], leaf["A"], leaf["B"], self.scale)
+        return tree
+
+    def low_rank(self, call: LinearCall) -> LowRank | None:
+        return None
+
+    def fusable(self, call: LinearCall) -> bool:
+        return not call.has(METHOD)  # the adapted projections go through `linear`
+
+    def linear(self, call: LinearCall) -> jax.Array:
+        a = call.get("A")
+        if a is None:
+            return Hooks.linear(self, call)
+        x = call.x.astype(call.dtype)
+        x_dropped = None if call.deterministic or self.dropout == 0 else dropout(x, self.dropout, call)
+        return dora_linear(x, self.base_kernel(call), a, call.get("B"), call.get("magnitude"), self.scale,
+                           bias=call.bias, x_dropped=x_dropped, matmul=call.matmul)
+
+    def merge(self, trainable: Params, frozen: Params, model_config) -> Params:
+        def walk(node, ad):
+            if ad is None:
+                return node
+            if "magnitude" in ad and not isinstance(ad["magnitude"], dict):
+                return {**node, "kernel": merge(node["kernel"], ad["A"], ad["B"], ad["magnitude"], self.scale)}
+            return {k: walk(v, ad.get(k)) if isinstance(v, dict) else v for k, v in node.items()}
+
+        return walk(frozen, trainable)
+
+    # PEFT: LoRA's files plus `lora_magnitude_vector` [out] per module and `use_dora: true`
+    def peft_config(self, model_config, modules: list[str], base_model_name_or_path: str = "") -> dict:
+        return {**super().peft_config(model_config, modules, base_model_name_or_path), "use_dora": True}
+
+    def save_peft(self, out_dir: str, trainable: Params, frozen: Params, model_config, *,
+                  base_model_name_or_path: str = "", dtype: str = "float32") -> list[str]:
+        tensors = adapter_to_peft_tensors(trainable, model_config, rename={"magnitude": PEFT_MAGNITUDE})
+        return write_adapter(out_dir, tensors, dtype,
+                             lambda modules: self.peft_config(model_config, modules, base_model_name_or_path))
+
+    @classmethod
+    def load_peft(cls, adapter_dir: str, params_or_config) -> tuple[Params, "Dora"]:
+        ac, tensors = read_adapter(adapter_dir, "LORA", allowed={"lora_A", "lora_B", PEFT_MAGNITUDE})
+        cfg_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+        if not ac.get("use_dora"):
+            raise PeftFormatError(f"{cfg_path}: use_dora is not true: a plain LoRA adapter (peft.method=lora)")
+        lacking = sorted(m for m, t in tensors.items() if PEFT_MAGNITUDE not in t)
+        if lacking:
+            raise PeftFormatError(f"{cfg_path}: DoRA modules without {PEFT_MAGNITUDE}: {lacking[:5]}")
+        tree = adapter_from_peft_tensors(tensors, params_or_config, int(ac["r"]), adapter_dir,
+                                         rename={PEFT_MAGNITUDE: "magnitude"})
+        for path, leaf in adapter_leaves(tree):
+            # a stacked (scanned) module the adapter covers in only some layers: those layers got LoRA's zero
+            # update and a placeholder magnitude of 1, which is not DoRA's identity (||W||_c)
+            uncovered = np.all(np.asarray(leaf["A"]) == 0, axis=(-2, -1)) & np.all(np.asarray(leaf["magnitude"]) == 1, axis=-1)
+            if np.any(uncovered):
+                raise PeftFormatError(f"{cfg_path}: the DoRA adapter covers {'/'.join(path)} in only some layers; "
+                                      "load it with model.scan_layers=False")
+        adapted = sorted("/".join(p) for p, _ in adapter_leaves(tree))
+        targets = "^(" + "|".join(re.escape(p) for p in adapted) + ")$"
+        return tree, cls(rank=int(ac["r"]), alpha=float(ac.get("lora_alpha", 8)),
+                         dropout=float(ac.get("lora_dropout", 0.0)), rslora=bool(ac.get("use_rslora", False)),
+                         targets=targets)
