@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The fine-tuning methods side by side: same model, same data, same steps, one row per method.
 
-    python bench/methods.py [--rows full,lora,dora,pissa,qlora-nf4,qlora-int8] [--steps 40]
+    python bench/methods.py [--rows full,lora,dora,pissa,qlora-nf4,qlora-int8,qdora-nf4] [--steps 40]
                             [--model PATH] [--out bench/methods_results.json]
 
 Every row trains with `python -m sft_jax.train` (each in its own process, so that its peak memory is its
@@ -46,8 +46,9 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "pissa-niter4": ("pissa", ["--config.peft.pissa.niter=4"]),
     "qlora-nf4": ("qlora", ["--config.peft.qlora.quant_type=nf4"]),
     "qlora-int8": ("qlora", ["--config.peft.qlora.quant_type=int8"]),
+    "qdora-nf4": ("qdora", ["--config.peft.qlora.quant_type=nf4"]),
 }
-DEFAULT_ROWS = "full,lora,dora,pissa,qlora-nf4,qlora-int8"
+DEFAULT_ROWS = "full,lora,dora,pissa,qlora-nf4,qlora-int8,qdora-nf4"
 
 
 def log(*a):

@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("flash", "dense", "pallas"),
     "model.kernels": ("auto", "reference", "cpu"),
-    "peft.method": ("full", "lora", "qlora", "dora", "pissa"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
+    "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
     "peft.qlora.quant_type": ("nf4", "int8"),
@@ -127,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.peft.qlora.quant_type = "nf4"  # nf4 (4-bit NormalFloat) | int8 (LLM.int8 row-wise weights)
     c.peft.qlora.double_quant = True  # nf4: block scales quantised to 8 bits (bnb_4bit_use_double_quant)
     c.peft.qlora.block_size = 64  # nf4 block (bitsandbytes' 4-bit base in transformers uses 64)
-    # dora: DoRA on peft.lora's fields (no fields of its own); pissa: LoRA (peft.lora) with PiSSA's init
+    # dora: DoRA on peft.lora's fields (no fields of its own); qdora: DoRA on the peft.qlora base; pissa: LoRA (peft.lora) with PiSSA's init
     c.peft.pissa = ml_collections.ConfigDict()
     c.peft.pissa.niter = 0  # 0: exact SVD; K > 0: randomised SVD with K subspace iterations (peft's pissa_niter_K)
 

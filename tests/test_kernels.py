@@ -147,6 +147,12 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layer
                   attention_bias=True, attention_out_bias=True, mlp_bias=True, max_position_embeddings=256)
 
 
+def _low_rank_dots(config, method, trainable, frozen, ids):
+    """How many `cpu.low_rank_matmul` calls (a base dot with low-rank terms folded in) the forward pass makes."""
+    jaxpr = jax.make_jaxpr(lambda t: method.forward(t, frozen, config, ids))(trainable)
+    return str(jaxpr).count("name=low_rank_matmul")
+
+
 def _model_loss_and_grads(config, method, trainable, frozen, ids, seg, pos, deterministic=True):
     def loss(trainable):
         logits = method.forward(trainable, frozen, config, ids, pos, seg, deterministic=deterministic,
@@ -157,16 +163,21 @@ def _model_loss_and_grads(config, method, trainable, frozen, ids, seg, pos, dete
 
 
 @pytest.mark.parametrize("attention,method_name,scan", [("dense", "lora", False), ("flash", "lora_q_v", True),
-                                                        ("dense", "full", True), ("flash", "full", False)])
+                                                        ("dense", "full", True), ("flash", "full", False),
+                                                        ("dense", "dora", False), ("flash", "dora_q_v", True),
+                                                        ("dense", "qdora", True)])
 def test_cpu_kernel_set_equals_reference_model(attention, method_name, scan):
     """The whole `cpu` set (custom-VJP dots, fused q/k/v and gate/up with the adapters in the same
     dot, RoPE, SwiGLU, causal block skipping; native attention for flash on one device) gives the
     reference model's loss and gradients (float32), with full fine-tuning, LoRA on every projection
-    and LoRA on some (a fused dot mixing adapted and plain parts)."""
+    and LoRA on some (a fused dot mixing adapted and plain parts); DoRA / QDoRA (the fused dot, then the
+    per-column scale m / ||W + s A B||_c of `LowRank.out_scale`)."""
     c = CFG.replace(scan_layers=scan, attention=attention)
     params = llama.init_params(c, jax.random.PRNGKey(0))
     method = {"full": peft.Full(), "lora": peft.Lora(rank=4, alpha=8.0),
-              "lora_q_v": peft.Lora(rank=2, alpha=4.0, targets="q_proj,v_proj")}[method_name]
+              "lora_q_v": peft.Lora(rank=2, alpha=4.0, targets="q_proj,v_proj"),
+              "dora": peft.Dora(rank=4, alpha=8.0), "dora_q_v": peft.Dora(rank=2, alpha=4.0, targets="q_proj,v_proj"),
+              "qdora": peft.QDora(rank=4, alpha=8.0)}[method_name]
     trainable, frozen = method.init(params, c, jax.random.PRNGKey(1))
     trainable = jax.tree.map(lambda x: x + 0.03 * jax.random.normal(jax.random.PRNGKey(2), x.shape), trainable)
     rng = np.random.default_rng(0)
@@ -177,6 +188,11 @@ def test_cpu_kernel_set_equals_reference_model(attention, method_name, scan):
     lr, gr = _model_loss_and_grads(c.replace(kernels="reference"), method, trainable, frozen, ids, seg, pos)
     lo, go = _model_loss_and_grads(c.replace(kernels="cpu"), method, trainable, frozen, ids, seg, pos)
     assert kernels.resolve(c.replace(kernels="cpu")).name == "cpu"
+    if method_name != "full":  # every adapted projection takes a fused low-rank dot (DoRA too: LowRank.out_scale)
+        lora = peft.Lora(rank=method.rank, alpha=method.alpha, targets=method.targets)
+        lt, lf = lora.init(params, c, jax.random.PRNGKey(1))
+        want = _low_rank_dots(c.replace(kernels="cpu"), lora, lt, lf, ids)
+        assert want > 0 and _low_rank_dots(c.replace(kernels="cpu"), method, trainable, frozen, ids) == want
     assert abs(float(lo) - float(lr)) <= 1e-5 * abs(float(lr))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gr), jax.tree.leaves(go)):
         assert _rel(a, b) < 1e-5, jax.tree_util.keystr(path)

@@ -1,4 +1,4 @@
-"""QLoRA end to end through the CLIs on the real stories260K base (`../shared`), converted with
+"""QLoRA (and QDoRA) end to end through the CLIs on the real stories260K base (`../shared`), converted with
 `sft_jax.convert llama2c`: train a few dozen steps (eval loss falls), generate, export; the exported
 adapter on transformers' bitsandbytes NF4 base (PEFT, CPU) continues greedily exactly as
 `sft_jax.generate` does on the work directory.
@@ -44,10 +44,10 @@ def stories(shared_dir, tmp_path_factory):
     return out
 
 
-def _train(workdir, base, quant_type, data):
+def _train(workdir, base, quant_type, data, method="qlora"):
     _run("sft_jax.train", "--config=configs/lima_lora.py", f"--workdir={workdir}", f"--config.model.path={base}",
          f"--config.data.path={data}",
-         "--config.peft.method=qlora", f"--config.peft.qlora.quant_type={quant_type}",
+         f"--config.peft.method={method}", f"--config.peft.qlora.quant_type={quant_type}",
          "--config.data.template=chatml", "--config.data.max_length=128", "--config.train.steps=30",
          "--config.train.batch_size=8", "--config.train.lr=2e-3", "--config.train.warmup_steps=2",
          "--config.model.dtype=float32", "--config.model.param_dtype=float32", "--config.model.remat=none",
@@ -56,7 +56,7 @@ def _train(workdir, base, quant_type, data):
     evals = [r["eval_loss"] for r in _metrics(workdir) if "eval_loss" in r]
     assert len(evals) >= 2 and evals[-1] < evals[0] - 0.3, evals
     run = json.loads((pathlib.Path(workdir) / "run.json").read_text())
-    assert run["peft"]["method"] == "qlora" and run["peft"]["qlora"]["quant_type"] == quant_type
+    assert run["peft"]["method"] == method and run["peft"]["qlora"]["quant_type"] == quant_type
 
 
 def _generate(workdir) -> list[int]:
@@ -67,13 +67,17 @@ def _generate(workdir) -> list[int]:
 
 
 @pytest.mark.slow
-def test_qlora_nf4_cli_and_greedy_continuation_on_bitsandbytes(stories, shared_dir, tmp_path):
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_qlora_nf4_cli_and_greedy_continuation_on_bitsandbytes(stories, shared_dir, tmp_path, method):
+    """qlora: LoRA, qdora: DoRA (peft's use_dora on the bnb base) on the NF4 base."""
     wd = tmp_path / "run"
-    _train(wd, stories, "nf4", shared_dir / "data/lima.json")
+    _train(wd, stories, "nf4", shared_dir / "data/lima.json", method)
     ours = _generate(wd)
     assert len(ours) >= 8
     _run("sft_jax.export", f"--workdir={wd}", f"--out={tmp_path / 'adapter'}", "--format=peft")
     _run("sft_jax.export", f"--workdir={wd}", f"--out={tmp_path / 'merged'}", "--format=merged")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert bool(cfg.get("use_dora")) == (method == "qdora")
 
     base = wd / "base_model"  # the trainer added the chat template's tokens (vocab 514) and saved the base
     served = peft_lib.PeftModel.from_pretrained(load_bnb(str(base)), str(tmp_path / "adapter"))

@@ -12,7 +12,8 @@ gradients: float32 to 1e-5 relative; bfloat16 to 2e-2) and differs only in how X
 * `fused_qkv` / `fused_gate_up` (reference: three / two separate projections, then `silu(g) * u`):
   the projections of one input as ONE matmul, the LoRA-family low-rank terms riding in the same dot
   (`[x | x A_1 | x A_2 ..] @ [W ; B_1 0 .. ; 0 B_2 ..]`), the q/k/v split and SwiGLU with one-pass
-  backwards. Used when the method states every part as `Hooks.low_rank` (or leaves it alone);
+  backwards, a method's per-column output scale (DoRA) applied after the dot. Used when the method
+  states every part as `Hooks.low_rank` (or leaves it alone);
   otherwise the model calls the method's `linear` per projection.
 * `linear` (reference `Hooks.linear`): a low-rank projection as one dot `[x | x A] @ [W ; s B]`.
 * `attend_causal` (reference `llama.attend` on the training path): causal block skipping.
@@ -263,6 +264,8 @@ def linear(hooks: Hooks, call: LinearCall) -> Array:
     dt = call.dtype
     y = low_rank_matmul(call.x.astype(dt), _adapter_input(call, lr, lr.a), hooks.base_kernel(call), lr.b.astype(dt),
                     float(lr.scale))
+    if lr.out_scale is not None:
+        y = (y * lr.out_scale).astype(dt)
     if call.bias is not None:
         y = y + call.bias.astype(dt)
     return y
@@ -309,6 +312,10 @@ def fused(hooks: Hooks, calls: Sequence[LinearCall], shapes: Sequence[tuple], ax
         else:  # an independent dropout mask per adapter, as peft
             ha = jnp.concatenate([_adapter_input(c, lr, lr.a) for c, lr in parts], axis=-1)
         y = low_rank_matmul(x.astype(dt), ha, w, jnp.concatenate(rows, axis=0), float(lr0.scale))
+        if any(lr is not None and lr.out_scale is not None for lr in lrs):  # per-column scales (DoRA)
+            col = cat([jnp.ones(sh, F32) if lr is None or lr.out_scale is None else lr.out_scale.astype(F32).reshape(sh)
+                       for lr, sh in zip(lrs, shapes)], 0)
+            y = (y * col).astype(dt)
     if any(c.bias is not None for c in calls):
         y = y + cat([jnp.zeros(sh, dt) if c.bias is None else c.bias.astype(dt).reshape(sh)
                      for c, sh in zip(calls, shapes)], 0)

@@ -104,17 +104,20 @@ class LinearCall(Site):
 
 
 class LowRank(NamedTuple):
-    """A method's update of one projection in the form `x W + scale * dropout(x) A B`.
+    """A method's update of one projection in the form `(x W + scale * dropout(x) A B) * out_scale`.
 
     a [in, r], b [r, out] (float32 or compute dtype); `scale` a Python float; `dropout` the rate
-    on the adapter's input (0 = none). A fused-projection kernel (`model.kernels=cpu`) folds it into
-    the base dot; a method that is not of this form returns None from `Hooks.low_rank`.
+    on the adapter's input (0 = none); `out_scale` None or a per-output-column factor [out] (float32)
+    applied to the projection before its bias (DoRA's m / ||W + s A B||_c). A fused-projection kernel
+    (`model.kernels=cpu`) folds the low-rank term into the base dot and then scales the columns; a
+    method that is not of this form returns None from `Hooks.low_rank`.
     """
 
     a: Array
     b: Array
     scale: float
     dropout: float
+    out_scale: Array | None = None
 
 
 class Prefix(NamedTuple):
@@ -150,9 +153,9 @@ class Hooks:
 
     def low_rank(self, call: LinearCall) -> LowRank | None:
         """Optional capability for fused kernels: this projection's update as `LowRank`, or None
-        when the method does not touch it or is not of that form. Only consulted when
-        `linear(call)` would equal `base + bias + scale * dropout(x) A B` exactly; the default
-        `linear` must then be the one inherited from `Hooks` (fused kernels reimplement it)."""
+        when the method does not touch it or is not of that form. Return it only when
+        `linear(call)` equals `(x base + scale * dropout(x) A B) * out_scale + bias` (fused kernels
+        reimplement `linear` from it)."""
         return None
 
     def fusable(self, call: LinearCall) -> bool:

@@ -14,6 +14,7 @@ from sft_jax.peft.dora import Dora
 from sft_jax.peft.full import Full
 from sft_jax.peft.lora import Lora
 from sft_jax.peft.pissa import Pissa
+from sft_jax.peft.qdora import QDora
 from sft_jax.peft.qlora import QLora
 
 METHODS: dict[str, type[Method]] = {
@@ -22,6 +23,7 @@ METHODS: dict[str, type[Method]] = {
     QLora.name: QLora,
     Dora.name: Dora,
     Pissa.name: Pissa,
+    QDora.name: QDora,
 }
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.models.hooks import METHOD, Hooks, LinearCall, LowRank, dropout
+from sft_jax.models.hooks import Hooks, LinearCall, LowRank, dropout
 from sft_jax.peft.base import Params, PeftFormatError
 from sft_jax.peft.lora import (ADAPTER_CONFIG, Lora, _get, adapter_from_peft_tensors, adapter_leaves,
                                adapter_to_peft_tensors, init_adapters, read_adapter, write_adapter)
@@ -106,8 +106,9 @@ class Dora(Lora):
     (`peft.lora.rank/alpha/dropout/rslora/targets`; peft's `LoraConfig(use_dora=True)`).
 
     Trainable tree: LoRA's `{"A", "B"}` plus `"magnitude"` [*lead, out] per adapted module; frozen = the base
-    params. `low_rank` is None (the output is not `x W + s x A B`), so fused projection kernels leave the
-    adapted projections to `linear`."""
+    params. `low_rank` states an adapted projection as LoRA's low-rank form plus the per-column output
+    scale m / ||W + s A B||_c when there is no adapter dropout (fused CPU kernels); with dropout it is None
+    and the projection goes through `linear`."""
 
     name: ClassVar[str] = "dora"
 
@@ -124,10 +125,15 @@ class Dora(Lora):
         return tree
 
     def low_rank(self, call: LinearCall) -> LowRank | None:
-        return None
-
-    def fusable(self, call: LinearCall) -> bool:
-        return not call.has(METHOD)  # the adapted projections go through `linear`
+        """Without adapter dropout (or at inference) a DoRA projection is `(x W + s x A B) * m / ||W + s A B||_c
+        + bias`: LoRA's fused form with a per-column output scale, so the fused CPU kernels take it. With
+        dropout the frozen path sees the undropped input (not of that form): None, the model calls `linear`."""
+        a = call.get("A")
+        if a is None or not (call.deterministic or self.dropout == 0):
+            return None
+        b = call.get("B")
+        col_scale = call.get("magnitude").astype(jnp.float32) / weight_norm(self.base_kernel(call), a, b, self.scale)
+        return LowRank(a, b, self.scale, 0.0, out_scale=col_scale)
 
     def linear(self, call: LinearCall) -> jax.Array:
         a = call.get("A")

@@ -75,7 +75,7 @@ class QLora(Lora):
         lora_fields = {f.name for f in dataclasses.fields(Lora)}
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {"method": self.name, "lora": {k: v for k, v in fields.items() if k in lora_fields},
-                self.name: {k: v for k, v in fields.items() if k not in lora_fields}}
+                QLora.name: {k: v for k, v in fields.items() if k not in lora_fields}}  # peft.qlora.* (also QDoRA's)
 
     def describe(self) -> str:
         base = (f"NF4 (block {self.block_size}{', double-quantised scales' if self.double_quant else ''})"

@@ -81,8 +81,11 @@ def low_rank_parts(method, method_vars: dict | None, config) -> dict[tuple, LowR
     for path, variables in _modules(method_vars.get(METHOD, {})):
         call = LinearCall(variables={METHOD: variables}, path=path, dtype=jnp.dtype(config.dtype), deterministic=True,
                           make_rng=None, matmul=reference_matmul)
-        lr = method.low_rank(call)
-        if lr is None or not method.fusable(call):
+        try:
+            lr = method.low_rank(call)
+        except ValueError as e:  # needs the base kernel (e.g. DoRA's column norm): not a stackable update
+            raise NotStackable(f"method {method.name!r}: {'/'.join(path)}: {e}") from None
+        if lr is None or lr.out_scale is not None or not method.fusable(call):
             raise NotStackable(f"method {method.name!r}: {'/'.join(path)} is not of the form x W + s (x A) B")
         out[path] = lr
     return out
