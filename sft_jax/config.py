@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("flash", "dense", "pallas"),
-    "model.kernels": ("auto", "reference", "cpu"),
+    "model.kernels": ("auto", "reference", "cpu", "tokamax"),
     "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.model.attention = "flash"  # training-path attention: flash (block-sparse) | dense (reference) | pallas (GPU kernel)
     c.model.attention_block = 0  # flash block size; 0 = auto
-    c.model.kernels = "auto"  # op implementations (sft_jax/kernels): auto | reference | cpu
+    c.model.kernels = "auto"  # op implementations (sft_jax/kernels): auto | reference | cpu | tokamax
     # Used only when model.path is empty: a small Llama built by the project.
     c.model.tiny = ml_collections.ConfigDict()
     c.model.tiny.hidden_size = 128

@@ -8,8 +8,11 @@ kernel where the set has one, its own reference function elsewhere. Sets:
   LoRA-family low-rank terms in the same dot, RoPE, SwiGLU, causal block skipping for
   `attention=dense`) and, for `attention=flash` on a single CPU device, the native C++ attention
   (`native_attention.py`; `SFT_JAX_NATIVE_ATTENTION=0|1` is a logged debug override);
-* `auto` (default): `cpu` on a CPU backend, `reference` on GPU/TPU (where XLA's own fusion is
-  what the vendor tunes; a maintained kernel library such as tokamax is the planned GPU/TPU set).
+* `tokamax`: the reference ops, and for `attention=flash` the attention of tokamax (a maintained
+  JAX kernel library: Mosaic/Triton flash attention on GPU, Mosaic on TPU, its XLA version elsewhere;
+  `tokamax_attention.py`, optional extra `[gpu]` / `[tpu]`);
+* `auto` (default): `cpu` on a CPU backend; on GPU/TPU `tokamax` when it imports, else `reference`
+  (XLA's own fusion); `describe` says which and why.
 
 `model.attention` stays the choice of the attention *algorithm*, orthogonal to the set:
 `dense` (the reference `llama.attend`, [B,H,T,T] scores), `flash` (the block-sparse online-softmax
@@ -27,9 +30,9 @@ from typing import Any, Callable
 
 import jax
 
-from sft_jax.kernels import cpu, native_attention
+from sft_jax.kernels import cpu, native_attention, tokamax_attention
 
-NAMES = ("auto", "reference", "cpu")
+NAMES = ("auto", "reference", "cpu", "tokamax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +51,12 @@ class KernelSet:
     gate_up: Callable | None = None  # (hooks, gate call, up call) -> silu(g) * u | None
     dense_attention: Callable | None = None  # (reference attend, q, k, v, mask, dtype) -> o
     native_attention: bool = False  # attention=flash computed by the native CPU kernel
+    # attention=flash: (q, k, v, segment_ids, positions, *, dtype, sliding_window) -> [B, T, H*hd]
+    flash_attention: Callable | None = None
 
 
 REFERENCE = KernelSet("reference")
+TOKAMAX = KernelSet("tokamax", flash_attention=tokamax_attention.attention)
 CPU = KernelSet(
     "cpu", matmul=cpu.matmul, logits_matmul=cpu.logits_matmul, rope_tables=cpu.rope_tables, rope=cpu.rope,
     linear=cpu.linear, qkv=cpu.fused_qkv, gate_up=cpu.fused_gate_up, dense_attention=cpu.attend_causal,
@@ -58,11 +64,14 @@ CPU = KernelSet(
 
 
 def resolved_name(name: str) -> str:
-    """`auto` -> `cpu` on a CPU backend, else `reference`; other names unchanged."""
+    """`auto` -> `cpu` on a CPU backend, else `tokamax` when it imports, else `reference`; other names
+    unchanged."""
     if name not in NAMES:
         raise ValueError(f"model.kernels must be one of {list(NAMES)}, got {name!r}")
     if name == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "reference"
+        if jax.default_backend() == "cpu":
+            return "cpu"
+        return "tokamax" if tokamax_attention.status()[0] else "reference"
     return name
 
 
@@ -72,6 +81,11 @@ def resolve(config) -> KernelSet:
     name = resolved_name(config.kernels)
     if name == "reference":
         return REFERENCE
+    if name == "tokamax":
+        ok, why = tokamax_attention.status()
+        if not ok:
+            raise ValueError(f"model.kernels='tokamax': {why}")
+        return TOKAMAX
     if config.attention == "flash" and native_attention.status(config.head_dim, config.dtype)[0]:
         return dataclasses.replace(CPU, native_attention=True)
     return CPU
@@ -82,8 +96,11 @@ def describe(config) -> dict[str, Any]:
     ks = resolve(config)
     out: dict[str, Any] = {"requested": config.kernels, "kernels": ks.name, "attention": config.attention,
                            "backend": jax.default_backend()}
+    if ks.name == "tokamax" or (config.kernels == "auto" and jax.default_backend() != "cpu"):
+        out["tokamax"] = tokamax_attention.status()[1]
     if config.attention == "flash":
-        out["attention_impl"] = "native_cpu" if ks.native_attention else "xla_blocks"
+        out["attention_impl"] = ("native_cpu" if ks.native_attention else
+                                 "tokamax" if ks.flash_attention is not None else "xla_blocks")
         if ks.name == "cpu":
             out["native_attention_reason"] = native_attention.status(config.head_dim, config.dtype)[1]
     override = os.environ.get(native_attention.ENV)
@@ -92,4 +109,4 @@ def describe(config) -> dict[str, Any]:
     return out
 
 
-__all__ = ["CPU", "KernelSet", "NAMES", "REFERENCE", "describe", "resolve", "resolved_name"]
+__all__ = ["CPU", "KernelSet", "NAMES", "REFERENCE", "TOKAMAX", "describe", "resolve", "resolved_name"]

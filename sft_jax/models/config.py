@@ -83,7 +83,8 @@ class ModelConfig:
     # flash-attention kernel, kernels/pallas_attention.py)
     attention: str = "flash"
     # which implementations compute the ops (sft_jax/kernels): auto (cpu on a CPU backend, else
-    # reference) | reference (the port's plain JAX) | cpu (custom-VJP dots, fused projections, ...)
+    # tokamax when importable, else reference) | reference (the port's plain JAX) | cpu (custom-VJP
+    # dots, fused projections, ...) | tokamax (reference ops + tokamax's flash attention)
     kernels: str = "auto"
     attention_block: int = 0  # flash block size; 0 = chosen from batch, heads and length
     # Unmanaged config.json fields, written back by to_hf (not part of hash/eq).
@@ -102,8 +103,8 @@ class ModelConfig:
             raise ValueError(f"remat must be none|full|save_dots, got {self.remat!r}")
         if self.attention not in ("flash", "dense", "pallas"):
             raise ValueError(f"attention must be flash|dense|pallas, got {self.attention!r}")
-        if self.kernels not in ("auto", "reference", "cpu"):
-            raise ValueError(f"kernels must be auto|reference|cpu, got {self.kernels!r}")
+        if self.kernels not in ("auto", "reference", "cpu", "tokamax"):
+            raise ValueError(f"kernels must be auto|reference|cpu|tokamax, got {self.kernels!r}")
         if self.attention_block < 0 or (self.attention_block and self.attention_block % 16):
             raise ValueError(f"attention_block must be 0 (auto) or a positive multiple of 16, got {self.attention_block}")
         for f in ("dtype", "param_dtype"):

@@ -279,6 +279,8 @@ class Attention(_Base):
             seg, pos = mask
             if ks.native_attention:
                 o = native_attention.attention(q, k, v, seg, pos, dtype=self.dt, sliding_window=c.sliding_window)
+            elif ks.flash_attention is not None:  # a kernel library's (model.kernels=tokamax)
+                o = ks.flash_attention(q, k, v, seg, pos, dtype=self.dt, sliding_window=c.sliding_window)
             else:
                 o = flash_attention.segment_attention(q, k, v, seg, pos, dtype=self.dt,
                                                       sliding_window=c.sliding_window, block=c.attention_block)
