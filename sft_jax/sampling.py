@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax import sharding
-from sft_jax.models import llama
+from sft_jax.models import llama, rope
 from sft_jax.models.config import ModelConfig
 
 
@@ -91,22 +91,44 @@ def _generate_body(params, method_vars, ids, lengths, eos_ids, key, *, config, m
         return jnp.any(t[:, None] == eos_ids[None, :], axis=-1)
 
     def cond(state):
-        i, _, _, done, _, _ = state
+        i, _, _, done, _, _, _ = state
         return jnp.logical_and(i < max_new_tokens, jnp.logical_not(jnp.all(done)))
 
+    reencode = rope.reencode_at(config)
+    total = p + max_new_tokens
+    seq = jnp.zeros((b, total), jnp.int32).at[:, :p].set(ids)  # prompt + tokens fed so far (re-encoding)
+
+    def step(tok, pos, cache, seq, i):
+        return llama.forward_with_cache(params, config, tok[:, None], pos, cache, segment_ids=jnp.ones_like(pos),
+                                        method=method, method_vars=method_vars)
+
+    def reencode_step(tok, pos, cache, seq, i):
+        # transformers' Phi-3 (longrope): the first decode past original_max_position_embeddings drops
+        # the cache and encodes the whole sequence again (every row's own length decides its factors)
+        ar = jnp.arange(total, dtype=jnp.int32)[None, :]
+        n = lengths + i + 1
+        seg_all = (ar < n[:, None]).astype(jnp.int32)
+        fresh = llama.init_cache(config, b, total, dtype=cache["k"].dtype)
+        lg, fresh = llama.forward_with_cache(params, config, seq, jnp.where(seg_all > 0, ar, 0), fresh,
+                                             segment_ids=seg_all, method=method, method_vars=method_vars)
+        fresh["index"] = jnp.asarray(p + i + 1, jnp.int32)  # slots >= p + i + 1 are empty: decode continues there
+        return jnp.take_along_axis(lg, (n - 1)[:, None, None], axis=1), fresh
+
     def body(state):
-        i, tok, out, done, cache, key = state
+        i, tok, out, done, cache, key, seq = state
         out = out.at[:, i].set(jnp.where(done, 0, tok))
         done = jnp.logical_or(done, is_eos(tok))
         pos = (lengths + i)[:, None]
-        logits, cache = llama.forward_with_cache(params, config, tok[:, None], pos, cache,
-                                                 segment_ids=jnp.ones_like(pos), method=method,
-                                                 method_vars=method_vars)
+        seq = seq.at[jnp.arange(b), lengths + i].set(tok, mode="drop")
+        if reencode is None:
+            logits, cache = step(tok, pos, cache, seq, i)
+        else:
+            logits, cache = jax.lax.cond(jnp.any(pos[:, 0] == reencode), reencode_step, step, tok, pos, cache, seq, i)
         key, sub = jax.random.split(key)
         nxt = _sample(logits[:, 0, :], sub, temperature, top_k, top_p)
-        return i + 1, nxt, out, done, cache, key
+        return i + 1, nxt, out, done, cache, key, seq
 
-    i, _, out, done, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, out, done, cache, key))
+    i, _, out, done, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, out, done, cache, key, seq))
     return out, i
 
 

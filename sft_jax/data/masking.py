@@ -130,6 +130,29 @@ def generation_spans(tokenizer, template: str, messages: list[dict], tools: list
     return ids, tok_spans
 
 
+def _drop_closing_suffix(text: str, upto: str) -> str:
+    """`upto` without the text a template adds only after the LAST message (Phi-3/3.5's own
+    template appends `eos_token` when there is no generation prompt): when `upto` = P + tail with P a
+    prefix of the full rendering (cut after a marker or whitespace) and the full rendering itself
+    ends with that tail, the turn ends at P (the final turn's span keeps the tail: Phi-3.5 trains
+    `<|end|>` then the closing `\n<|endoftext|>` there).  Anything else is returned unchanged (and
+    then fails the prefix check)."""
+    if text.startswith(upto):
+        return upto
+    n = 0
+    for x, y in zip(text, upto):
+        if x != y:
+            break
+        n += 1
+    # back to the last marker end or whitespace: the two texts may share the first characters of
+    # different markers ("<|endoftext|>" / "<|user|>")
+    cut = max(upto.rfind(">", 0, n), upto.rfind("]", 0, n), *(upto.rfind(w, 0, n) for w in " \n")) + 1
+    tail = upto[cut:].strip()
+    if cut > 0 and tail and text.rstrip().endswith(tail):
+        return upto[:cut].rstrip()
+    return upto
+
+
 def prefix_diff_spans(tokenizer, template: str, messages: list[dict], tools: list | None = None, source: str = ""):
     """Method 2: ids and per-assistant-turn token spans by rendering turn prefixes."""
     text = render(tokenizer, template, messages, tools=tools, source=source)
@@ -140,6 +163,7 @@ def prefix_diff_spans(tokenizer, template: str, messages: list[dict], tools: lis
             continue
         before = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools, source=source)
         upto = render(tokenizer, template, messages[: i + 1], tools=tools, source=source).rstrip()
+        upto = _drop_closing_suffix(text, upto)
         if not (text.startswith(before) and text.startswith(upto) and len(upto) >= len(before)):
             raise DataError(
                 f"{source + ': ' if source else ''}the chat template is not prefix-stable at message {i} (rendering a prefix of the "

@@ -293,6 +293,33 @@ _MISTRAL3 = (
     "{%- endfor -%}"
 )
 
+# Phi-3 / Phi-3.5-mini-instruct: `<|role|>\n content <|end|>\n`; the empty system turn is skipped as in
+# Microsoft's template.  Deliberate difference: the published template appends `eos_token` after the
+# last message when there is no generation prompt; this one does not (the turn ends with `<|end|>`,
+# the token generation stops on, and the template stays prefix-stable).
+_PHI3 = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "{{- '<|assistant|>\n' -}}" + _GEN + "{{- m['content'] + '<|end|>' -}}" + _END + "{{- '\n' -}}"
+    "{%- elif m['role'] != 'system' or m['content'] -%}"
+    "{{- '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+)
+
+# Phi-4 (microsoft/phi-4): ChatML with `<|im_sep|>` after the role and no newlines.
+_PHI4 = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant<|im_sep|>' -}}" + _GEN + "{{- m['content'] + '<|im_end|>' -}}" + _END +
+    "{%- else -%}"
+    "{{- '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant<|im_sep|>' -}}{%- endif -%}"
+)
+
 BUILTIN_TEMPLATES: dict[str, str] = {
     "chatml": _CHATML,
     "qwen2.5": _QWEN25,
@@ -303,6 +330,8 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     "llama2": _LLAMA2,
     "mistral": _MISTRAL,
     "gemma": _GEMMA,
+    "phi3": _PHI3,
+    "phi4": _PHI4,
 }
 
 # Marker tokens a built-in needs in the vocabulary (added as special tokens when missing).
@@ -317,13 +346,15 @@ TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
     "llama2": (),
     "mistral": (),
     "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    "phi4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
 }
 
 # The string that ends an assistant turn (what generation stops on); None = eos_token.
 END_OF_TURN: dict[str, str | None] = {
     "chatml": "<|im_end|>", "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>",
     "llama3": "<|eot_id|>", "llama3.1": "<|eot_id|>", "llama2": None, "mistral": None, "mistral-v0.3": None,
-    "gemma": "<end_of_turn>",
+    "gemma": "<end_of_turn>", "phi3": "<|end|>", "phi4": "<|im_end|>",
 }
 
 _GEN_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")

@@ -1,7 +1,8 @@
 """`ModelConfig`: the architecture of one Llama-family checkpoint plus the run-time policy.
 
 One frozen, hashable dataclass (usable as a static argument of `jax.jit`) covers
-Llama 2, Llama 3/3.1/3.2, Mistral, Qwen2/2.5 and Qwen3.  `from_hf` reads a
+Llama 2, Llama 3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 and Phi-3/3.5/4 (`phi3`: fused qkv_proj /
+gate_up_proj, partial rotary, longrope).  RoPE types: see `models/rope.py`.  `from_hf` reads a
 Hugging Face `config.json` dict (transformers 4 style `rope_theta`/`rope_scaling`
 or transformers 5 style `rope_parameters`); `to_hf` writes one back with the
 family's own fields.
@@ -13,14 +14,17 @@ import dataclasses
 import json
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
+# transformers' Phi3Config accepts only these (and reads "su"/"yarn" as longrope)
+PHI3_ROPE_TYPES = ("default", "longrope")
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 # Keys of config.json that `from_hf` interprets itself (everything else is kept in
@@ -32,7 +36,7 @@ _MANAGED_HF_KEYS = {
     "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers",
     "layer_types", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
     "torch_dtype", "dtype", "transformers_version", "hidden_act", "pretraining_tp",
-    "_name_or_path", "auto_map",
+    "_name_or_path", "auto_map", "partial_rotary_factor",
 }
 
 
@@ -50,7 +54,7 @@ def _freeze(v: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    model_type: str = "llama"  # llama | mistral | qwen2 | qwen3
+    model_type: str = "llama"  # llama | mistral | qwen2 | qwen3 | phi3
     vocab_size: int = 512
     hidden_size: int = 128
     intermediate_size: int = 344
@@ -60,7 +64,10 @@ class ModelConfig:
     head_dim: int = 0  # 0 = hidden_size // num_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...}
+    # {"rope_type": "linear"|"llama3"|"yarn"|"dynamic"|"longrope", "factor": ..., ...} (models/rope.py);
+    # llama3/yarn/longrope always carry "original_max_position_embeddings"
+    rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0  # Phi-3/4: RoPE on the first int(head_dim * factor) features
     tie_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v projections
     mlp_bias: bool = False
@@ -112,16 +119,43 @@ class ModelConfig:
                 raise ValueError(f"{f} must be float32|bfloat16|float16, got {getattr(self, f)!r}")
         if self.rope_scaling is not None:
             rt = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if rt not in SUPPORTED_ROPE_TYPES:
+            allowed = PHI3_ROPE_TYPES if self.model_type == "phi3" else SUPPORTED_ROPE_TYPES
+            if rt not in allowed:
                 raise UnsupportedModelError(
-                    f"unsupported rope_scaling type {rt!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
+                    f"{self.model_type}: unsupported rope_scaling type {rt!r}; supported: {list(allowed)}"
                 )
+            need = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor", "original_max_position_embeddings"),
+                    "yarn": ("original_max_position_embeddings",),
+                    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}.get(rt, ())
+            missing = [k for k in need if self.rope_scaling.get(k) is None]
+            if missing:
+                raise ValueError(f"rope_scaling {rt}: missing {missing}")
+            if rt == "longrope":
+                half = int(self.head_dim * self.partial_rotary_factor) // 2
+                for k in ("short_factor", "long_factor"):
+                    if len(self.rope_scaling[k]) != half:
+                        raise ValueError(f"rope_scaling longrope: {k} has {len(self.rope_scaling[k])} entries, "
+                                         f"rotary_dim/2 = {half}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.partial_rotary_factor != 1.0 and self.model_type != "phi3":
+            raise UnsupportedModelError(f"{self.model_type}: partial_rotary_factor={self.partial_rotary_factor} "
+                                        "is implemented for phi3 only")
+        if int(self.head_dim * self.partial_rotary_factor) % 2:
+            raise ValueError(f"rotary dim int(head_dim * partial_rotary_factor) = "
+                             f"{int(self.head_dim * self.partial_rotary_factor)} must be even")
 
     def __hash__(self):
         return hash(tuple(_freeze(getattr(self, f.name)) for f in dataclasses.fields(self) if f.compare))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def fused_projections(self) -> bool:
+        """Phi-3: q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (the checkpoint's and
+        PEFT's modules), so adapters and exports use the checkpoint's own module names."""
+        return self.model_type == "phi3"
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -152,12 +186,22 @@ class ModelConfig:
         else:
             rope_theta = float(d.get("rope_theta", 10000.0))
             rs = dict(d["rope_scaling"]) if d.get("rope_scaling") else None
+        partial = float((rs or {}).pop("partial_rotary_factor", None) or d.get("partial_rotary_factor") or 1.0)
         if rs is not None:
             if "type" in rs and "rope_type" not in rs:
                 rs["rope_type"] = rs.pop("type")
             rs.pop("type", None)
+            if mt == "phi3" and rs.get("rope_type") in ("su", "yarn"):  # transformers' Phi3Config reads these so
+                rs["rope_type"] = "longrope"
             if rs.get("rope_type", "default") == "default":
                 rs = None
+        if rs is not None and rs["rope_type"] in ("llama3", "yarn", "longrope"):
+            # transformers' standardize_rope_params: Phi-3 keeps the pretraining length at the top level
+            # (default 4096), which wins; other families fall back to max_position_embeddings
+            if mt == "phi3":
+                rs["original_max_position_embeddings"] = int(d.get("original_max_position_embeddings", 4096))
+            else:
+                rs.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
         hidden = d["hidden_size"]
         heads = d["num_attention_heads"]
         layers = d["num_hidden_layers"]
@@ -184,6 +228,10 @@ class ModelConfig:
                     raise UnsupportedModelError(
                         f"{mt}: sliding window on only some layers (layer_types={types}) is not implemented"
                     )
+        elif mt == "phi3":
+            window = d.get("sliding_window")
+            if bias:
+                raise UnsupportedModelError("phi3 with attention_bias is not a Phi3ForCausalLM checkpoint")
         elif mt == "llama":
             pass
         extra = {k: v for k, v in d.items() if k not in _MANAGED_HF_KEYS}
@@ -199,6 +247,7 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rs,
+            partial_rotary_factor=partial,
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bias,
             attention_out_bias=out_bias,
@@ -245,6 +294,16 @@ class ModelConfig:
             if self.attention_bias or self.attention_out_bias or self.mlp_bias or self.qk_norm:
                 raise ValueError("mistral has no attention/mlp biases or qk norm")
             d.update(sliding_window=self.sliding_window)
+        elif self.model_type == "phi3":
+            if self.attention_bias or self.attention_out_bias or self.mlp_bias or self.qk_norm:
+                raise ValueError("phi3 has no attention/mlp biases or qk norm")
+            rs = dict(self.rope_scaling) if self.rope_scaling else None
+            orig = (self.hf_extra or {}).get("original_max_position_embeddings", 4096)  # Phi3Config's default
+            if rs is not None:  # the layout of Microsoft's config.json (read by transformers 4 and 5)
+                orig = rs.pop("original_max_position_embeddings")
+                rs = {"type": rs.pop("rope_type"), **rs}
+            d.update(sliding_window=self.sliding_window, rope_scaling=rs, partial_rotary_factor=self.partial_rotary_factor,
+                     original_max_position_embeddings=orig)
         elif self.model_type in ("qwen2", "qwen3"):
             d.update(
                 use_sliding_window=self.sliding_window is not None,

@@ -52,6 +52,12 @@ def _layer_entries(config: ModelConfig) -> list[tuple[tuple[str, ...], str, bool
         (("input_norm", "scale"), "input_layernorm.weight", False),
         (("post_attn_norm", "scale"), "post_attention_layernorm.weight", False),
     ]
+    if config.fused_projections:  # Phi-3: the checkpoint's fused modules are the model's own
+        out.append((("attn", "qkv_proj", "kernel"), "self_attn.qkv_proj.weight", True))
+        out.append((("attn", "o_proj", "kernel"), "self_attn.o_proj.weight", True))
+        out.append((("mlp", "gate_up_proj", "kernel"), "mlp.gate_up_proj.weight", True))
+        out.append((("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", True))
+        return out
     for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
         out.append((("attn", p, "kernel"), f"self_attn.{p}.weight", True))
     if config.attention_bias:
@@ -130,7 +136,7 @@ def _sharding_for(shardings, path):
 def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32", shardings=None,
             scan_layers: bool = False, remat: str = "none", transform: Callable | None = None,
             **policy) -> tuple[ModelConfig, dict]:
-    """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3 directory -> (ModelConfig, params).
+    """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3/Phi-3 directory -> (ModelConfig, params).
 
     `shardings`: None (default device), a tree of `jax.sharding.Sharding` with the params'
     structure, or a callable `path_tuple -> Sharding` (path like ('layers_0','attn','q_proj','kernel')).

@@ -1,8 +1,9 @@
 """Llama 2/3, Mistral, Qwen2/2.5 and Qwen3 in Flax Linen: a port of transformers' `modeling_llama.py`
 (and of the Mistral/Qwen2/Qwen3 variants it covers).
 
-Reading guide (HF name -> here): `LlamaRotaryEmbedding` -> `rope_inv_freq`/`rope_tables`;
-`rotate_half`/`apply_rotary_pos_emb` -> same names; `eager_attention_forward` -> `attend`;
+Reading guide (HF name -> here): `LlamaRotaryEmbedding` + `modeling_rope_utils` -> `models/rope.py`
+(`rope.tables`; `rope_inv_freq`/`rope_tables`/`rotate_half`/`apply_rotary_pos_emb` re-exported
+here); `eager_attention_forward` -> `attend`;
 `LlamaAttention` -> `Attention` (q/k/v/o projections, Qwen3's q/k norms); `LlamaMLP` -> `Mlp`
 (`down(silu(gate(x)) * up(x))`); `LlamaRMSNorm` -> `RMSNorm`; `LlamaDecoderLayer` -> `DecoderLayer`;
 `LlamaForCausalLM` -> `Llama`.
@@ -55,6 +56,7 @@ from jax import lax
 
 from sft_jax import kernels as kernels_lib
 from sft_jax.kernels import flash_attention, native_attention, pallas_attention
+from sft_jax.models import rope as rope_lib
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.hooks import COLLECTIONS, NO_HOOKS, Hooks, LinearCall, Site, reference_matmul
 
@@ -67,50 +69,16 @@ def _wlc(x, axes):
     return nn.with_logical_constraint(x, axes)
 
 
-# ------------------------------------------------------------------ RoPE
+# ------------------------------------------------------------------ RoPE (models/rope.py)
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim/2] (float32), with `linear` or `llama3` scaling."""
-    hd = config.head_dim
-    inv = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(
-        np.float32
-    )
-    rs = config.rope_scaling
-    if not rs:
-        return inv
-    rt = rs.get("rope_type", rs.get("type", "default"))
-    if rt == "linear":
-        return (inv / np.float32(rs["factor"])).astype(np.float32)
-    if rt == "llama3":
-        factor = rs["factor"]
-        low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
-        old = rs["original_max_position_embeddings"]
-        low_wl, high_wl = old / low, old / high
-        wavelen = 2 * np.pi / inv
-        inv_l = np.where(wavelen > low_wl, inv / factor, inv)
-        smooth = (old / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
-        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
-        return np.where(medium, smoothed, inv_l).astype(np.float32)
-    return inv
+    """Inverse frequencies [rotary_dim/2] (float32) of the length-independent rope types
+    (`rope.inv_freq`; dynamic/longrope: their unscaled / short frequencies)."""
+    return rope_lib.inv_freq(config)
 
 
-def rope_tables(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
-    """(cos, sin) [B, T, 1, hd/2] float32 for positions [B, T] (computed once per forward pass and
-    shared by every layer; HF's `cat(freqs, freqs)` is applied in `apply_rotary_pos_emb`)."""
-    freqs = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)
-    return jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
-
-
-def rotate_half(x: Array) -> Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-def apply_rotary_pos_emb(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate-half RoPE (the Hugging Face layout): x [B, T, N, hd] float32, cos/sin [B, T, 1, hd/2]."""
-    cos = jnp.concatenate([cos, cos], axis=-1)
-    sin = jnp.concatenate([sin, sin], axis=-1)
-    return x * cos + rotate_half(x) * sin
+rope_tables = rope_lib.reference_tables
+rotate_half = rope_lib.rotate_half
+apply_rotary_pos_emb = rope_lib.apply_rotary_pos_emb
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray, dtype) -> Array:
@@ -239,10 +207,16 @@ class Attention(_Base):
         c, ks = self.config, self.kernels
         b, t, _ = x.shape
         hd = c.head_dim
-        calls = [self.linear(c.num_heads * hd, ("embed", "heads"), c.attention_bias, "q_proj")(x),
-                 self.linear(c.num_kv_heads * hd, ("embed", "kv_heads"), c.attention_bias, "k_proj")(x),
-                 self.linear(c.num_kv_heads * hd, ("embed", "kv_heads"), c.attention_bias, "v_proj")(x)]
-        qkv = ks.qkv(self.hooks, calls, c.num_kv_heads, hd) if ks.qkv else None
+        if c.fused_projections:  # Phi-3: one qkv_proj [D, (H + 2 KV) hd], rows q | k | v (as in the checkpoint)
+            nq, nkv = c.num_heads * hd, c.num_kv_heads * hd
+            qkv = self.apply_linear(self.linear(nq + 2 * nkv, ("embed", "heads"), c.attention_bias, "qkv_proj")(x))
+            qkv = (qkv[..., :nq].reshape(b, t, c.num_heads, hd), qkv[..., nq:nq + nkv].reshape(b, t, c.num_kv_heads, hd),
+                   qkv[..., nq + nkv:].reshape(b, t, c.num_kv_heads, hd))
+        else:
+            calls = [self.linear(c.num_heads * hd, ("embed", "heads"), c.attention_bias, "q_proj")(x),
+                     self.linear(c.num_kv_heads * hd, ("embed", "kv_heads"), c.attention_bias, "k_proj")(x),
+                     self.linear(c.num_kv_heads * hd, ("embed", "kv_heads"), c.attention_bias, "v_proj")(x)]
+            qkv = ks.qkv(self.hooks, calls, c.num_kv_heads, hd) if ks.qkv else None
         if qkv is None:
             q, k, v = (self.apply_linear(call) for call in calls)
             q = q.reshape(b, t, c.num_heads, hd)
@@ -254,9 +228,10 @@ class Attention(_Base):
             q = self.norm("q_norm")(q)
             k = self.norm("k_norm")(k)
         cos, sin = rope
-        rotate = ks.rope or apply_rotary_pos_emb
-        q = _wlc(rotate(q.astype(F32), cos, sin).astype(self.dt), ("act_batch", "act_length", "act_heads", None))
-        k = _wlc(rotate(k.astype(F32), cos, sin).astype(self.dt), ("act_batch", "act_length", "act_kv_heads", None))
+        q = _wlc(rope_lib.rotate(q.astype(F32), cos, sin, ks.rope).astype(self.dt),
+                 ("act_batch", "act_length", "act_heads", None))
+        k = _wlc(rope_lib.rotate(k.astype(F32), cos, sin, ks.rope).astype(self.dt),
+                 ("act_batch", "act_length", "act_kv_heads", None))
         v = _wlc(v, ("act_batch", "act_length", "act_kv_heads", None))
         k, v, prefix = self.hooks.attention_kv(k, v, self.site())
         new_cache = None
@@ -300,6 +275,10 @@ class Mlp(_Base):
     def __call__(self, x):
         c, ks = self.config, self.kernels
         n = c.intermediate_size
+        if c.fused_projections:  # Phi-3: one gate_up_proj [D, 2 I], columns gate | up
+            gu = self.apply_linear(self.linear(2 * n, ("embed", "mlp"), c.mlp_bias, "gate_up_proj")(x)).astype(F32)
+            h = _wlc((nn.silu(gu[..., :n]) * gu[..., n:]).astype(self.dt), ("act_batch", "act_length", "act_mlp"))
+            return self.apply_linear(self.linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")(h))
         gate = self.linear(n, ("embed", "mlp"), c.mlp_bias, "gate_proj")(x)
         up = self.linear(n, ("embed", "mlp"), c.mlp_bias, "up_proj")(x)
         h = ks.gate_up(self.hooks, gate, up) if ks.gate_up else None
@@ -365,7 +344,7 @@ class Llama(_Base):
             if c.sliding_window is not None:
                 mask = mask & (positions[:, :, None] - kv_pos[:, None, :] < c.sliding_window)
 
-        rope = (ks.rope_tables or rope_tables)(positions, rope_inv_freq(c))
+        rope = rope_lib.tables(c, positions, seg, per_segment=cache is None, tables_fn=ks.rope_tables)
         layer_cls = DecoderLayer
         if c.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)

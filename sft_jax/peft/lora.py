@@ -425,5 +425,7 @@ def _config_from_params(params: dict):
         n_layers = int(np.shape(params["layers"]["input_norm"]["scale"])[0])
     else:
         n_layers = sum(1 for k in params if re.fullmatch(r"layers_\d+", k))
-    return ModelConfig(num_layers=n_layers, num_heads=1, num_kv_heads=1, hidden_size=8,
-                       tie_embeddings="lm_head" not in params, scan_layers=scanned)
+    layer0 = params["layers"] if scanned else params.get("layers_0", {})
+    fused = "qkv_proj" in layer0.get("attn", {})  # Phi-3's fused modules
+    return ModelConfig(model_type="phi3" if fused else "llama", num_layers=n_layers, num_heads=1, num_kv_heads=1,
+                       hidden_size=8, tie_embeddings="lm_head" not in params, scan_layers=scanned)
