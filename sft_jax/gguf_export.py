@@ -162,6 +162,9 @@ def _config(hf_dir: str) -> tuple[dict, ModelConfig]:
     if rope == "llama3" and GGUF_ARCHS[mt] != gguf.MODEL_ARCH.LLAMA:
         raise GGUFExportError(f"{path}: rope_scaling {config.rope_scaling}: llama3 rope scaling is written for "
                               "the llama architecture only (as llama.cpp's rope_freqs tensor)")
+    if rope in ("yarn", "dynamic", "longrope"):
+        raise GGUFExportError(f"{path}: rope_scaling type {rope!r} is not written to GGUF by sft_jax (only "
+                              "linear and llama3); the merged Hugging Face export keeps it")
     return d, config
 
 
