@@ -26,10 +26,11 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("flash", "dense", "pallas"),
     "model.kernels": ("auto", "reference", "cpu", "tokamax"),
-    "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
+    "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora", "prompt_tuning", "p_tuning", "prefix_tuning"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
     "peft.qlora.quant_type": ("nf4", "int8"),
+    "peft.prompt_tuning.init": ("random", "vocab", "text"),
     "peft.qlora.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),
 }
 
@@ -130,6 +131,18 @@ def default_config() -> ml_collections.ConfigDict:
     # dora: DoRA on peft.lora's fields (no fields of its own); qdora: DoRA on the peft.qlora base; pissa: LoRA (peft.lora) with PiSSA's init
     c.peft.pissa = ml_collections.ConfigDict()
     c.peft.pissa.niter = 0  # 0: exact SVD; K > 0: randomised SVD with K subspace iterations (peft's pissa_niter_K)
+    # prompt learning (peft/prompt_tuning.py, p_tuning.py, prefix_tuning.py)
+    c.peft.prompt_tuning = ml_collections.ConfigDict()
+    c.peft.prompt_tuning.num_virtual_tokens = 20
+    c.peft.prompt_tuning.init = "random"  # random (N(0,1)) | vocab (sampled token embeddings) | text (init_text's tokens)
+    c.peft.prompt_tuning.init_text = ""  # peft's prompt_tuning_init_text (init=text)
+    c.peft.p_tuning = ml_collections.ConfigDict()
+    c.peft.p_tuning.num_virtual_tokens = 20
+    c.peft.p_tuning.encoder_hidden_size = 0  # MLP encoder width; 0 = the model's hidden size (peft's default)
+    c.peft.prefix_tuning = ml_collections.ConfigDict()
+    c.peft.prefix_tuning.num_virtual_tokens = 20
+    c.peft.prefix_tuning.projection = False  # True: reparametrising MLP (peft's prefix_projection); False: P-tuning v2
+    c.peft.prefix_tuning.encoder_hidden_size = 0  # projection MLP width; 0 = num_kv_heads * head_dim (peft's default)
 
     # -------------------------------------------------------------- neftune
     c.neftune = ml_collections.ConfigDict()

@@ -75,7 +75,8 @@ def _generate_jit(params, method_vars, ids, lengths, eos_ids, key, *, config, ma
 def _generate_body(params, method_vars, ids, lengths, eos_ids, key, *, config, max_new_tokens, temperature, top_k,
                    top_p, method):
     b, p = ids.shape
-    cache = llama.init_cache(config, b, p + max_new_tokens)
+    slots = method.embed_slots() if method is not None else 0  # virtual tokens a method prepends at prefill
+    cache = llama.init_cache(config, b, p + max_new_tokens + slots)
     ar = jnp.arange(p, dtype=jnp.int32)[None, :]
     seg = (ar < lengths[:, None]).astype(jnp.int32)
     positions = jnp.where(seg > 0, ar, 0)
@@ -100,7 +101,7 @@ def _generate_body(params, method_vars, ids, lengths, eos_ids, key, *, config, m
 
     def step(tok, pos, cache, seq, i):
         return llama.forward_with_cache(params, config, tok[:, None], pos, cache, segment_ids=jnp.ones_like(pos),
-                                        method=method, method_vars=method_vars)
+                                        method=method, method_vars=method_vars, decode=True)
 
     def reencode_step(tok, pos, cache, seq, i):
         # transformers' Phi-3 (longrope): the first decode past original_max_position_embeddings drops
@@ -108,10 +109,10 @@ def _generate_body(params, method_vars, ids, lengths, eos_ids, key, *, config, m
         ar = jnp.arange(total, dtype=jnp.int32)[None, :]
         n = lengths + i + 1
         seg_all = (ar < n[:, None]).astype(jnp.int32)
-        fresh = llama.init_cache(config, b, total, dtype=cache["k"].dtype)
+        fresh = llama.init_cache(config, b, total + slots, dtype=cache["k"].dtype)
         lg, fresh = llama.forward_with_cache(params, config, seq, jnp.where(seg_all > 0, ar, 0), fresh,
                                              segment_ids=seg_all, method=method, method_vars=method_vars)
-        fresh["index"] = jnp.asarray(p + i + 1, jnp.int32)  # slots >= p + i + 1 are empty: decode continues there
+        fresh["index"] = jnp.asarray(p + i + 1 + slots, jnp.int32)  # slots >= p + i + 1 are empty: decode continues there
         return jnp.take_along_axis(lg, (n - 1)[:, None, None], axis=1), fresh
 
     def body(state):

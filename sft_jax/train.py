@@ -271,7 +271,7 @@ def _run(cfg, workdir: str | os.PathLike) -> dict:
 
     # ---- parameters (frozen base), straight onto their shardings (QLoRA: quantised as they are read,
     # unless the vocabulary is resized: the resized float base is saved first)
-    method = peft.from_config(cfg.peft)
+    method = peft.from_config(cfg.peft).with_tokenizer(tokenizer)
     transform = None if added else method.load_transform()
     base_dir = workdir / "base_model"
     axes = llama.param_logical_axes(model_config)

@@ -55,6 +55,8 @@ import jax.numpy as jnp
 
 Array = Any
 
+SHARED_SEGMENT = -1  # segment id of the tokens `Hooks.embed` prepends (seen by every segment of the row)
+
 METHOD = "method"
 METHOD_FROZEN = "method_frozen"
 COLLECTIONS = (METHOD, METHOD_FROZEN)
@@ -76,6 +78,9 @@ class Site:
     dtype: Any
     deterministic: bool
     make_rng: Callable[[], Array]
+    # True in a KV-cache decode step (`forward_with_cache(..., decode=True)`): the tokens `embed`
+    # prepends at prefill are already in the cache, so `embed` must not prepend them again.
+    decode: bool = False
 
     def get(self, name: str, collection: str = METHOD, default: Any = None) -> Any:
         """The variable `name` of this module in `collection`, or `default`."""
@@ -136,6 +141,13 @@ class Hooks:
 
     name = "none"
 
+    def embed_slots(self) -> int:
+        """How many tokens `embed` prepends to every row (0: none). They carry segment id
+        `SHARED_SEGMENT` (-1): every non-padding query of the row sees them (so each packed
+        example sees them, causally by slot) and they see only each other. The model then builds
+        the dense attention mask, and a KV cache needs this many extra slots."""
+        return 0
+
     def base_kernel(self, call: LinearCall) -> Array:
         """The frozen [in, out] kernel in the compute dtype. Default: `call.kernel` cast."""
         if call.kernel is None:
@@ -168,7 +180,8 @@ class Hooks:
     def embed(self, x: Array, input_ids: Array, positions: Array, segment_ids: Array,
               site: Site) -> tuple[Array, Array, Array]:
         """After the embedding lookup: x [B, T, D] (compute dtype), input_ids/positions/segment_ids
-        [B, T] int32 -> (x, positions, segment_ids), possibly longer (virtual tokens prepended);
+        [B, T] int32 -> (x, positions, segment_ids), possibly longer (`embed_slots()` virtual
+        tokens prepended with segment id SHARED_SEGMENT; not in a decode step, `site.decode`);
         `final_hidden` must then restore T. Default: unchanged."""
         return x, positions, segment_ids
 

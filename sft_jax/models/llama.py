@@ -58,7 +58,9 @@ from sft_jax import kernels as kernels_lib
 from sft_jax.kernels import flash_attention, native_attention, pallas_attention
 from sft_jax.models import rope as rope_lib
 from sft_jax.models.config import ModelConfig
-from sft_jax.models.hooks import COLLECTIONS, NO_HOOKS, Hooks, LinearCall, Site, reference_matmul
+import dataclasses
+
+from sft_jax.models.hooks import COLLECTIONS, NO_HOOKS, SHARED_SEGMENT, Hooks, LinearCall, Site, reference_matmul
 
 Array = Any
 F32 = jnp.float32
@@ -102,11 +104,14 @@ def attend(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
 
 
 def training_mask(segment_ids: Array, positions: Array, sliding_window: int | None) -> Array:
-    """[B, T, T] bool: same nonzero segment, causal by slot, within the sliding window."""
+    """[B, T, T] bool: same nonzero segment (or a key of segment SHARED_SEGMENT, the virtual tokens a
+    method prepends to the row, which every non-padding query sees), causal by slot, within the
+    sliding window."""
     t = segment_ids.shape[1]
     idx = jnp.arange(t)
     seg = segment_ids
-    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0) & (idx[:, None] >= idx[None, :])
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == SHARED_SEGMENT)
+    mask = same & (seg[:, :, None] != 0) & (idx[:, None] >= idx[None, :])
     if sliding_window is not None:
         mask = mask & (positions[:, :, None] - positions[:, None, :] < sliding_window)
     return mask
@@ -250,7 +255,7 @@ class Attention(_Base):
             o = attend(q, k, v, jnp.concatenate([sees, mask], axis=-1), self.dt)
         elif cache is not None:
             o = attend(q, k, v, mask, self.dt)
-        elif c.attention == "flash":  # block-sparse causal + segment attention, [B,H,T,T] never materialised
+        elif c.attention == "flash" and isinstance(mask, tuple):  # block-sparse causal + segment attention, [B,H,T,T] never materialised
             seg, pos = mask
             if ks.native_attention:
                 o = native_attention.attention(q, k, v, seg, pos, dtype=self.dt, sliding_window=c.sliding_window)
@@ -259,7 +264,7 @@ class Attention(_Base):
             else:
                 o = flash_attention.segment_attention(q, k, v, seg, pos, dtype=self.dt,
                                                       sliding_window=c.sliding_window, block=c.attention_block)
-        elif c.attention == "pallas":  # the same function as jax's Pallas (Triton) GPU kernel
+        elif c.attention == "pallas" and isinstance(mask, tuple):  # the same function as jax's Pallas (Triton) GPU kernel
             o = pallas_attention.attention(q, k, v, mask[0], dtype=self.dt, sliding_window=c.sliding_window,
                                            block=c.attention_block)
         elif ks.dense_attention:
@@ -313,7 +318,7 @@ class Llama(_Base):
 
     @nn.compact
     def __call__(self, input_ids, positions=None, segment_ids=None, embed_noise=None, return_hidden=False,
-                 cache=None):
+                 cache=None, decode=False):
         c, ks = self.config, self.kernels
         b, t = input_ids.shape
         if positions is None:
@@ -325,12 +330,13 @@ class Llama(_Base):
         x = jnp.take(embedding, input_ids, axis=0).astype(self.dt)
         if embed_noise is not None:
             x = x + embed_noise.astype(self.dt)
-        x, positions, seg = self.hooks.embed(x, input_ids, positions, seg, self.site())
+        root = dataclasses.replace(self.site(), decode=bool(decode and cache is not None))
+        x, positions, seg = self.hooks.embed(x, input_ids, positions, seg, root)
         x = _wlc(x, ("act_batch", "act_length", "act_embed"))
         t = x.shape[1]
 
         cache_index = None
-        if cache is None and c.attention in ("flash", "pallas"):
+        if cache is None and c.attention in ("flash", "pallas") and not self.hooks.embed_slots():
             mask = (seg, positions)  # the attention builds its mask block by block
         elif cache is None:
             mask = training_mask(seg, positions, c.sliding_window)
@@ -368,7 +374,7 @@ class Llama(_Base):
                 outs.append(nc)
             new_caches = None if cache is None else (
                 jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
-        x = self.hooks.final_hidden(self.norm("final_norm")(x), self.site())
+        x = self.hooks.final_hidden(self.norm("final_norm")(x), root)
         if return_hidden:
             out = x
         else:
@@ -476,11 +482,14 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dic
 
 
 def forward_with_cache(params, config: ModelConfig, input_ids, positions, cache, *, segment_ids=None,
-                       method: Hooks | None = None, method_vars: dict | None = None):
+                       method: Hooks | None = None, method_vars: dict | None = None, decode: bool = False):
     """Prefill or decode step: `(logits float32 [B, T, V], new_cache)`.
+
+    `decode`: True for the steps after the prefill (a method's prepended virtual tokens,
+    `Hooks.embed_slots`, are written at prefill only; the cache needs that many extra slots).
 
     `segment_ids` (optional, [B, T]): 0 marks padding tokens, which are not stored as valid
     cache slots and attend to nothing; any other value marks a real token.
     """
     model = Llama(config, hooks=method or NO_HOOKS)
-    return model.apply(_variables(params, method_vars), input_ids, positions, segment_ids, None, False, cache)
+    return model.apply(_variables(params, method_vars), input_ids, positions, segment_ids, None, False, cache, decode)

@@ -13,6 +13,9 @@ from sft_jax.peft.base import Method, MethodConfigError, NotMergeable, PeftForma
 from sft_jax.peft.dora import Dora
 from sft_jax.peft.full import Full
 from sft_jax.peft.lora import Lora
+from sft_jax.peft.p_tuning import PTuning
+from sft_jax.peft.prefix_tuning import PrefixTuning
+from sft_jax.peft.prompt_tuning import PromptTuning
 from sft_jax.peft.pissa import Pissa
 from sft_jax.peft.qdora import QDora
 from sft_jax.peft.qlora import QLora
@@ -24,6 +27,9 @@ METHODS: dict[str, type[Method]] = {
     Dora.name: Dora,
     Pissa.name: Pissa,
     QDora.name: QDora,
+    PromptTuning.name: PromptTuning,
+    PTuning.name: PTuning,
+    PrefixTuning.name: PrefixTuning,
 }
 
 

@@ -78,6 +78,11 @@ class Method(Hooks):
         `MethodConfigError` naming the field on a bad value."""
         raise NotImplementedError
 
+    def with_tokenizer(self, tokenizer) -> "Method":
+        """The method bound to the run's tokenizer (called by the trainer after `from_config`, before
+        `init`; e.g. prompt tuning's init from a text). Default: self."""
+        return self
+
     def run_config(self) -> dict:
         """JSON-able record of this method for run.json: `{"method": name, name: {fields}}` (the
         shape of the `peft` config section, so `from_config` reads it back)."""

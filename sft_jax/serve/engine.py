@@ -183,6 +183,9 @@ class Engine:
         self.max_batch, self.max_len, self.max_queue = int(max_batch), max_len, int(max_queue)
         self.mesh = mesh
         self.buckets = length_buckets(max_len)
+        if method is not None and method.embed_slots():
+            raise ValueError(f"serving does not support {method.describe()}: it prepends {method.embed_slots()} "
+                             "virtual tokens per sequence, which the slot cache does not hold; use sft_jax.generate")
         if adapters and method is not None:
             raise ValueError("give either one method for every row or stacked adapters, not both")
         self.num_adapters = len(adapters or [])
