@@ -72,20 +72,20 @@ def main():
         trainable, frozen = m.init(params, cfg, jax.random.PRNGKey(1))
         trainable = jax.tree.map(lambda x: x + 0.01, trainable)
 
-        def loss(t, frozen=frozen, m=m):
+        def loss(t, frozen, ids, m=m):  # frozen and the batch are arguments, as in the train step
             logp = jax.nn.log_softmax(m.forward(t, frozen, cfg, ids)[:, :-1].astype(jnp.float32), -1)
             return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
 
         fn = jax.jit(jax.value_and_grad(loss))
-        jax.block_until_ready(fn(trainable))  # compile
-        steps[name] = (fn, trainable)
+        jax.block_until_ready(fn(trainable, frozen, ids))  # compile
+        steps[name] = (fn, (trainable, frozen, ids))
 
     times: dict[str, list[float]] = {n: [] for n in methods}
     for _ in range(args.reps):
-        for name, (fn, t) in steps.items():
+        for name, (fn, fargs) in steps.items():
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                out = fn(t)
+                out = fn(*fargs)
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - t0) / args.steps)
     try:
