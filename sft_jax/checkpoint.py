@@ -124,18 +124,19 @@ class CheckpointNotFound(FileNotFoundError):
 
 
 class Checkpointer:
-    """Save/restore `(state, data iterator, meta)` under `workdir/checkpoints`.
+    """Save/restore `(state, data iterator, meta)` under `workdir/checkpoints` (or `workdir/<subdir>`).
 
     `every_steps` > 0: `save(step, ...)` saves when `step % every_steps == 0`; 0 means only
     forced saves (the trainer forces the final one and a preemption one).  `keep` finalised
     checkpoints are kept (older ones are deleted by Orbax after a newer one is finalised).
     """
 
-    def __init__(self, workdir: str | os.PathLike, keep: int = 2, every_steps: int = 0, async_save: bool = True):
+    def __init__(self, workdir: str | os.PathLike, keep: int = 2, every_steps: int = 0, async_save: bool = True,
+                 subdir: str = "checkpoints"):
         ocp, grain = _ocp(), _grain()
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-        self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+        self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), subdir)
         self.every_steps = int(every_steps)
         self._bad_steps: set[int] = set()
         options = ocp.CheckpointManagerOptions(

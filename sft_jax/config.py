@@ -112,6 +112,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.z_loss = 0.0
     c.train.loss_chunk_size = 0  # >0: chunked cross-entropy over the sequence (large vocabularies)
     c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = from the device-kind table
+    c.train.log_every = 10  # metrics are fetched from the device every N steps (one row per step all the same)
+    # early stopping on an evaluation metric (counted in evaluations; needs eval.every_steps or eval.every_epoch)
+    c.train.early_stopping = ml_collections.ConfigDict()
+    c.train.early_stopping.patience = 0  # stop after this many evaluations without improvement; 0 = off
+    c.train.early_stopping.min_delta = 0.0  # an improvement must beat the best value by more than this
+    c.train.early_stopping.metric = "loss"  # eval metric: loss | accuracy | exact_match | NAME/loss ...
+    # loss-spike guard beside the non-finite stop: stop when a step's loss > factor x the running median
+    c.train.loss_spike = ml_collections.ConfigDict()
+    c.train.loss_spike.factor = 0.0  # 0 = off; e.g. 3.0
+    c.train.loss_spike.window = 100  # steps in the running median (the guard starts once it is full)
 
     # ----------------------------------------------------------------- peft
     # The fine-tuning method (sft_jax/peft: one module per method) and one sub-section per method.
@@ -160,10 +170,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2
     c.checkpoint.resume = "auto"
     c.checkpoint.async_save = True
+    c.checkpoint.keep_best = False  # keep the best-eval checkpoint (train.early_stopping.metric) in checkpoint_best/
+    # resuming with changed model / peft / data / train.batch_size fields: refused unless True
+    c.checkpoint.allow_config_change = False
 
     # ----------------------------------------------------------------- eval
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # 0 = only at the start and the end
+    c.eval.every_epoch = False  # also evaluate at the end of every epoch
     c.eval.max_batches = 0  # 0 = the whole held-out split
     c.eval.num_generations = 3  # sample generations printed at each evaluation
     c.eval.max_new_tokens = 64
@@ -196,7 +210,9 @@ BOUNDS: dict[str, str] = {
     "checkpoint.keep": "> 0", "checkpoint.every_steps": ">= 0",
     "eval.every_steps": ">= 0", "eval.max_batches": ">= 0", "eval.num_generations": ">= 0",
     "eval.max_new_tokens": "> 0",
-    "model.attention_block": ">= 0", "neftune.alpha": ">= 0",
+    "model.attention_block": ">= 0", "neftune.alpha": ">= 0", "train.log_every": "> 0",
+    "train.early_stopping.patience": ">= 0", "train.early_stopping.min_delta": ">= 0",
+    "train.loss_spike.factor": ">= 0", "train.loss_spike.window": "> 0",
     **{f"model.tiny.{k}": "> 0" for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
                                            "num_kv_heads", "vocab_size", "max_position_embeddings")},
 }
@@ -210,6 +226,12 @@ def _value_problems(given: dict[str, Any]) -> list[str]:
     if given["train.schedule"] != "constant" and given["train.end_lr"] > given["train.lr"] > 0:
         problems.append(f"config field 'train.end_lr' = {given['train.end_lr']} is above train.lr = "
                         f"{given['train.lr']} (the floor the {given['train.schedule']} schedule decays to)")
+    if 0 < given["train.loss_spike.factor"] <= 1:
+        problems.append(f"config field 'train.loss_spike.factor' must be > 1 (or 0 = off), got "
+                        f"{given['train.loss_spike.factor']}")
+    if given["train.early_stopping.patience"] and not (given["eval.every_steps"] or given["eval.every_epoch"]):
+        problems.append("config field 'train.early_stopping.patience' needs evaluations during training: set "
+                        "eval.every_steps > 0 or eval.every_epoch=True")
     if given["model.init"] == "tiny" and not problems:
         heads, kv, hidden = (given[f"model.tiny.{k}"] for k in ("num_heads", "num_kv_heads", "hidden_size"))
         if heads % kv:

@@ -1,6 +1,6 @@
 """Evaluate a trained work directory or a Hugging Face model on a held-out file.
 
-    python -m sft_jax.eval --workdir=DIR [--step=N|latest] | --model=HF_DIR  --data=FILE
+    python -m sft_jax.eval --workdir=DIR [--step=N|latest|best] | --model=HF_DIR  --data=FILE
         [--compare=OTHER (a workdir or an HF dir)] [--json=OUT.json] [--num_examples=N]
         [--max_new_tokens=N] [--temperature=0 --seed=0] [--batch_size=16]
 
@@ -40,7 +40,7 @@ from sft_jax.data.formats import DataError
 from sft_jax.export import OneLineArgumentParser, UsageError, run_cli
 from sft_jax.generate import Generator, check_model_dir, load_model_dir
 from sft_jax.train_step import build_eval_step
-from sft_jax.workdir import check_workdir, load_run
+from sft_jax.workdir import check_workdir, load_run, parse_step
 
 PROG = "python -m sft_jax.eval"
 REPETITION_N = 4  # n-gram length of the repetition metric
@@ -204,7 +204,7 @@ def format_table(names: Sequence[str], results: Sequence[dict]) -> str:
 def _parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=None, help="a training work directory")
-    p.add_argument("--step", default="latest", help="--workdir checkpoint: N or latest")
+    p.add_argument("--step", default="latest", help="--workdir checkpoint: N, latest or best")
     p.add_argument("--model", default=None, help="a Hugging Face model directory")
     p.add_argument("--data", default=None, help="the held-out file (any format the trainer reads, or hf:ID)")
     p.add_argument("--compare", default=None, help="a second model (work directory or HF dir) shown beside")
@@ -233,12 +233,9 @@ def _check_args(args) -> int | None:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     if args.step != "latest" and args.model is not None:
         raise UsageError("--step needs --workdir")
-    if args.step == "latest":
-        step = None
-    elif args.step.isdigit():
-        step = int(args.step)
-    else:
-        raise UsageError(f"--step must be an integer or 'latest', got {args.step!r}")
+    if args.step not in ("latest", "best") and not args.step.isdigit():
+        raise UsageError(f"--step must be an integer, 'latest' or 'best', got {args.step!r}")
+    step = parse_step(args.step)
     if args.workdir is not None:
         check_workdir(args.workdir, step)
     else:

@@ -1,7 +1,7 @@
 """Export a trained run for transformers / vLLM / peft.
 
-    python -m sft_jax.export --workdir=DIR [--step=N] --out=DIR --format=merged|peft [--dtype=bfloat16|float32]
-    python -m sft_jax.export --workdir=DIR [--step=N] --out=DIR --format=gguf [--dtype=f16|bf16|q8_0|f32]
+    python -m sft_jax.export --workdir=DIR [--step=N|latest|best] --out=DIR --format=merged|peft [--dtype=bfloat16|float32]
+    python -m sft_jax.export --workdir=DIR [--step=N|latest|best] --out=DIR --format=gguf [--dtype=f16|bf16|q8_0|f32]
 
 * `merged`: plain weights from the run's fine-tuning method (`Method.merge`: e.g. LoRA's update
   merged into the base; full fine-tuning: the trained weights; a method that cannot be merged
@@ -74,7 +74,7 @@ def run_cli(main_fn, argv, prog: str) -> int:
 def _parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog="python -m sft_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="training work directory (run.json, checkpoints/)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--step", default=None, help="checkpoint: N, latest (default) or best (checkpoint.keep_best)")
     p.add_argument("--out", required=True, help="output directory (must be empty or new, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.add_argument("--format", required=True, help="merged | peft | gguf")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from sft_jax.workdir import load_run
 
     # Merge in float32 whatever the training param dtype was; cast once when writing.
-    run = load_run(args.workdir, step, param_dtype="float32", dtype="float32", load_tokenizer=True)
+    run = load_run(args.workdir, args.step, param_dtype="float32", dtype="float32", load_tokenizer=True)
     with staged_dir(args.out, overwrite=args.overwrite) as tmp:
         if args.format == "merged":
             files = export_merged(run, tmp, dtype=dtype, max_shard_bytes=int(args.max_shard_mb * 2**20))

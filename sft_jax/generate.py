@@ -1,6 +1,6 @@
 """Generate (or chat) with a Hugging Face model directory or a trained work directory.
 
-    python -m sft_jax.generate --model=HF_DIR | --workdir=DIR [--step=N]
+    python -m sft_jax.generate --model=HF_DIR | --workdir=DIR [--step=N|latest|best]
         [--prompt="..." (repeatable: one batch) | --prompt_ids=1,2,3 (repeatable) | --interactive]
         [--system="..."] [--tools=TOOLS.json] [--max_new_tokens=N] [--temperature=0 --top_p=1 --top_k=0 --seed=0]
         [--json] [--tensor_parallel=N]
@@ -166,7 +166,7 @@ def load_model_dir(path: str, *, param_dtype: str = "float32", dtype: str = "flo
                      eos_ids=_model_stop_ids(path, config, tokenizer, template), name=path)
 
 
-def load_workdir(workdir: str, step: int | None = None, *, param_dtype: str | None = None,
+def load_workdir(workdir: str, step: int | str | None = None, *, param_dtype: str | None = None,
                  dtype: str | None = None) -> Generator:
     """A trained run: its base and trained tree through its method (unmerged), its tokenizer,
     template and stop ids."""
@@ -186,7 +186,7 @@ def _parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a Hugging Face model directory")
     p.add_argument("--workdir", default=None, help="a training work directory")
-    p.add_argument("--step", type=int, default=None, help="--workdir checkpoint step (default: the latest)")
+    p.add_argument("--step", default=None, help="--workdir checkpoint: N, latest (default) or best")
     p.add_argument("--prompt", action="append", default=[], help="user message (repeat for a batch)")
     p.add_argument("--prompt_ids", action="append", default=[], help="raw comma-separated ids, no template")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin")

@@ -310,6 +310,10 @@ class Progress:
         parts.append(f"ETA {_fmt_s(eta)}")
         self.print_fn(" | ".join(parts))
 
+    def restart_clock(self, step: int) -> None:
+        """Measure the ETA's rate from `step` on (the trainer: after the compile step)."""
+        self._t0, self._s0 = time.perf_counter(), step
+
     def write(self, line: str) -> None:
         """Print a line without breaking the bar."""
         if not self.enabled:
@@ -434,11 +438,14 @@ class MetricsWriter:
                     self._tb.add_scalar(tag, v, step)
         if not prefix:
             self.progress.update(step, row.get("loss"), row.get("tokens_per_s"))
+            if row.get("compile_time_s"):  # the ETA counts from after a compile step, not through it
+                self.progress.restart_clock(step)
         return row
 
-    def write_eval(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    def write_eval(self, step: int, metrics: Mapping[str, Any], echo: bool = True) -> dict[str, Any]:
+        """Log an evaluation (fields prefixed eval_); `echo`: also print it (the trainer prints its own line)."""
         row = self.write(step, metrics, prefix="eval_")
-        if self.main:
+        if self.main and echo:
             shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
             self.progress.write(f"[eval step {step}] {shown}")
         return row

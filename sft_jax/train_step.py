@@ -109,12 +109,13 @@ def build_train_step(
     """The pure `train_step(trainable, frozen, opt_state, batch, rng)`; see the module doc.
 
     metrics: loss (mean over trainable tokens of the global batch, incl. z-loss), ce (without
-    z-loss), trainable_tokens, accuracy, grad_norm (before clipping), lr (of this update)."""
+    z-loss), trainable_tokens, real_tokens (non-padding), accuracy, grad_norm (before clipping), lr (of this update)."""
     m = int(opts.micro_batches)
 
     def step(trainable, frozen, opt_state, batch, rng):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         total_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        real_tokens = jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32)  # non-padding tokens
         denom = jnp.maximum(total_tokens, 1.0)
 
         def micro(params, mb, key):
@@ -150,6 +151,7 @@ def build_train_step(
             "loss": sums["loss_sum"] / denom,
             "ce": sums["ce_sum"] / denom,
             "trainable_tokens": total_tokens,
+            "real_tokens": real_tokens,
             "accuracy": sums["correct"] / denom,
             "grad_norm": grad_norm,
             "lr": jnp.asarray(schedule(count) if schedule is not None else 0.0, jnp.float32),

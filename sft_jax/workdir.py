@@ -10,6 +10,8 @@ Layout (the trainer writes it; export/generate read it):
     WORKDIR/base_model/     only when the project made the base (tiny): an HF dir (save_hf)
     WORKDIR/checkpoints/<step>/   Orbax: item 'state' = {"trainable", "opt_state", "step", "rng"},
                                    item 'data' (grain iterator), item 'meta' (JSON)
+    WORKDIR/checkpoint_best/<step>/  (checkpoint.keep_best) the best-eval checkpoint, same items,
+                                   outside the keep-N rotation of checkpoints/; `--step=best` reads it
 
 `base_model` is an absolute path, or a path relative to WORKDIR (e.g. "base_model"); when an
 absolute path no longer exists but WORKDIR/base_model does (a copied work directory), the
@@ -129,15 +131,38 @@ def tokenizer_dir(workdir, run: dict) -> str:
     return os.path.join(os.path.abspath(os.fspath(workdir)), run.get("tokenizer") or "tokenizer")
 
 
-def available_steps(workdir) -> list[int]:
-    """Finalised checkpoint steps (Orbax renames a step's tmp dir to `<step>` when it is committed)."""
-    d = os.path.join(os.fspath(workdir), "checkpoints")
+BEST_DIR = "checkpoint_best"  # checkpoint.keep_best: the best-eval checkpoint, outside the rotation
+
+
+def available_steps(workdir, best: bool = False) -> list[int]:
+    """Finalised checkpoint steps (Orbax renames a step's tmp dir to `<step>` when it is committed);
+    `best`: those of WORKDIR/checkpoint_best (the best-eval checkpoint)."""
+    d = os.path.join(os.fspath(workdir), BEST_DIR if best else "checkpoints")
     if not os.path.isdir(d):
         return []
     return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n, "state")))
 
 
-def resolve_step(workdir, step: int | None = None) -> int:
+def parse_step(value) -> int | str | None:
+    """A `--step` value: "latest" / None -> None, "best" -> "best", "N" -> N; WorkdirError otherwise."""
+    if value is None or value == "latest":
+        return None
+    if value == "best" or isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise WorkdirError(f"--step must be best, latest or a step number, got {value!r}")
+
+
+def resolve_step(workdir, step: int | str | None = None) -> int:
+    """The checkpoint step of `step` (None = the latest, "best" = the best-eval one, N)."""
+    step = parse_step(step)
+    if step == "best":
+        best = available_steps(workdir, best=True)
+        if not best:
+            raise WorkdirError(f"no best checkpoint in {os.path.join(os.fspath(workdir), BEST_DIR)} (the run "
+                               "keeps one with checkpoint.keep_best=True and evaluations during training)")
+        return best[-1]
     steps = available_steps(workdir)
     if not steps:
         raise WorkdirError(f"no checkpoints in {os.path.join(os.fspath(workdir), 'checkpoints')}")
@@ -148,7 +173,14 @@ def resolve_step(workdir, step: int | None = None) -> int:
     return int(step)
 
 
-def check_workdir(workdir, step: int | None = None) -> tuple[dict, int, str]:
+def state_dir(workdir, step: int | str | None = None) -> tuple[int, str]:
+    """-> (step, the directory of its saved state) for a `--step` value (see `resolve_step`)."""
+    n = resolve_step(workdir, step)
+    root = BEST_DIR if parse_step(step) == "best" else "checkpoints"
+    return n, os.path.join(os.path.abspath(os.fspath(workdir)), root, str(n), "state")
+
+
+def check_workdir(workdir, step: int | str | None = None) -> tuple[dict, int, str]:
     """Cheap checks (no jax): -> (run.json dict, resolved step, base model dir)."""
     run = read_run_json(workdir)
     base = base_model_dir(workdir, run)
@@ -232,10 +264,10 @@ def _restore(state_dir: str, target: dict, with_rng: bool):
                                                                  partial_restore=True))
 
 
-def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None, dtype: str | None = None,
+def load_run(workdir, step: int | str | None = None, *, param_dtype: str | None = None, dtype: str | None = None,
              with_opt_state: bool = False, load_tokenizer: bool = True) -> Run:
     """Load a trained run: the base (load_hf), the trained tree of checkpoint `step` (latest when
-    None), the tokenizer and stop ids.
+    None, "best": the best-eval checkpoint of checkpoint.keep_best), the tokenizer and stop ids.
 
     Only `trainable` and `step` are read from the checkpoint (Orbax partial restore); with
     `with_opt_state` also `opt_state` (abstract tree: `make_optimizer(cfg.train, 1)[0].init`) and
@@ -248,7 +280,8 @@ def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None
     from sft_jax.models import hf_io, llama
 
     workdir = os.path.abspath(os.fspath(workdir))
-    run, step, base = check_workdir(workdir, step)
+    run, _, base = check_workdir(workdir, step)
+    step, state_dir_ = state_dir(workdir, step)
     pol = _model_dict(run["model"])
     pdt = param_dtype or pol["param_dtype"]
     cdt = dtype or pol["dtype"]
@@ -256,7 +289,6 @@ def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None
         method = peft.from_run_config(run["peft"])
     except (ValueError, KeyError, TypeError) as e:
         raise WorkdirError(f"{os.path.join(workdir, RUN_JSON)}: bad field 'peft': {type(e).__name__}: {e}") from None
-    state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
     policy = dict(dtype=cdt, param_dtype=pdt, scan_layers=pol["scan_layers"], kernels=pol["kernels"])
     rng = method_rng(run.get("config") or {})
     if method.needs_base_weights:
@@ -266,7 +298,7 @@ def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None
     else:  # the checkpoint holds every trained weight; the base gives shapes only
         model_config = hf_io.read_config(base, **policy)
         try:  # the trainer may have resized the vocabulary (added template tokens): trust the checkpoint
-            saved_vocab = int(_saved_metadata(state_dir)["trainable"]["embed"]["embedding"].shape[0])
+            saved_vocab = int(_saved_metadata(state_dir_)["trainable"]["embed"]["embedding"].shape[0])
         except Exception:  # noqa: BLE001 - the restore below reports unreadable checkpoints
             saved_vocab = model_config.vocab_size
         if saved_vocab != model_config.vocab_size:
@@ -286,7 +318,7 @@ def load_run(workdir, step: int | None = None, *, param_dtype: str | None = None
         opt = make_optimizer(cfg.train, total_steps=1)[0]
         target["opt_state"] = jax.eval_shape(opt.init, abstract_tr)
     try:
-        state = _restore(state_dir, target, with_rng=with_opt_state)
+        state = _restore(state_dir_, target, with_rng=with_opt_state)
     except Exception as e:  # noqa: BLE001 - Orbax raises many kinds; the message says which step
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WorkdirError(f"cannot restore step {step} of {workdir}: {type(e).__name__}: {msg}") from e
