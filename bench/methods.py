@@ -47,8 +47,13 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "qlora-nf4": ("qlora", ["--config.peft.qlora.quant_type=nf4"]),
     "qlora-int8": ("qlora", ["--config.peft.qlora.quant_type=int8"]),
     "qdora-nf4": ("qdora", ["--config.peft.qlora.quant_type=nf4"]),
+    # prompt learning (issue 20): 20 virtual tokens, the presets' learning rates (configs/lima_<method>.py)
+    "prompt-tuning": ("prompt_tuning", ["--config.train.lr=3e-2", "--config.peft.prompt_tuning.init_from=vocab"]),
+    "p-tuning": ("p_tuning", ["--config.train.lr=3e-2"]),
+    "prefix-tuning": ("prefix_tuning", ["--config.train.lr=1e-2"]),
+    "prefix-tuning-mlp": ("prefix_tuning", ["--config.train.lr=1e-2", "--config.peft.prefix_tuning.projection=true"]),
 }
-DEFAULT_ROWS = "full,lora,dora,pissa,qlora-nf4,qlora-int8,qdora-nf4"
+DEFAULT_ROWS = "full,lora,dora,pissa,qlora-nf4,qlora-int8,qdora-nf4,prompt-tuning,p-tuning,prefix-tuning,prefix-tuning-mlp"
 
 
 def log(*a):

@@ -30,7 +30,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
     "peft.qlora.quant_type": ("nf4", "int8"),
-    "peft.prompt_tuning.init": ("random", "vocab", "text"),
+    "peft.prompt_tuning.init_from": ("random", "vocab", "text"),
     "peft.qlora.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),
 }
 
@@ -144,7 +144,7 @@ def default_config() -> ml_collections.ConfigDict:
     # prompt learning (peft/prompt_tuning.py, p_tuning.py, prefix_tuning.py)
     c.peft.prompt_tuning = ml_collections.ConfigDict()
     c.peft.prompt_tuning.num_virtual_tokens = 20
-    c.peft.prompt_tuning.init = "random"  # random (N(0,1)) | vocab (sampled token embeddings) | text (init_text's tokens)
+    c.peft.prompt_tuning.init_from = "random"  # random (N(0,1)) | vocab (sampled token embeddings) | text (init_text's tokens)
     c.peft.prompt_tuning.init_text = ""  # peft's prompt_tuning_init_text (init=text)
     c.peft.p_tuning = ml_collections.ConfigDict()
     c.peft.p_tuning.num_virtual_tokens = 20

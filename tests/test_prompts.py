@@ -21,7 +21,7 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layer
                   max_position_embeddings=64, rms_norm_eps=1e-5)
 N = 5
 METHODS = {
-    "prompt_tuning": PromptTuning(num_virtual_tokens=N, init="vocab"),
+    "prompt_tuning": PromptTuning(num_virtual_tokens=N, init_from="vocab"),
     "p_tuning": PTuning(num_virtual_tokens=N, encoder_hidden_size=24),
     "prefix_tuning": PrefixTuning(num_virtual_tokens=N),
     "prefix_tuning_mlp": PrefixTuning(num_virtual_tokens=N, projection=True, encoder_hidden_size=20),
@@ -264,7 +264,7 @@ def test_config_init_merge_refusal_and_text_init(params):
     # PEFT's init defaults: random = N(0, 1); vocab = rows of the embedding; text = the text's ids repeated
     r = PromptTuning(num_virtual_tokens=200).init_trainable(params, params, CFG, jax.random.PRNGKey(0))["prompt"]
     assert abs(float(np.std(r)) - 1.0) < 0.1
-    v = np.asarray(PromptTuning(num_virtual_tokens=4, init="vocab").init_trainable(
+    v = np.asarray(PromptTuning(num_virtual_tokens=4, init_from="vocab").init_trainable(
         params, params, CFG, jax.random.PRNGKey(0))["prompt"])
     emb = params["embed"]["embedding"]
     assert all(np.any(np.all(np.isclose(emb, row), axis=1)) for row in v)
@@ -273,11 +273,11 @@ def test_config_init_merge_refusal_and_text_init(params):
         def __call__(self, text):
             return {"input_ids": [1, 7, 9]}
 
-    t = PromptTuning(num_virtual_tokens=5, init="text", init_text="hi there").with_tokenizer(Tok())
+    t = PromptTuning(num_virtual_tokens=5, init_from="text", init_text="hi there").with_tokenizer(Tok())
     assert t.init_ids == (1, 7, 9) and peft_lib.from_run_config(t.run_config()) == t
     got = np.asarray(t.init_trainable(params, params, CFG, jax.random.PRNGKey(0))["prompt"])
     np.testing.assert_array_equal(got, emb[[1, 7, 9, 1, 7]])
     with pytest.raises(peft_lib.MethodConfigError, match="peft.prompt_tuning.init_text"):
-        PromptTuning(init="text")
+        PromptTuning(init_from="text")
     with pytest.raises(peft_lib.MethodConfigError, match="peft.prefix_tuning.num_virtual_tokens"):
         PrefixTuning(num_virtual_tokens=0)

@@ -2,7 +2,7 @@
 example (Lester et al. 2021; PEFT's PROMPT_TUNING).
 
 Trees: trainable `{"prompt": [N, D]}` (float32), at the root of the `method` collection; frozen =
-the base params unchanged. Initialisation (`peft.prompt_tuning.init`) as PEFT's
+the base params unchanged. Initialisation (`peft.prompt_tuning.init_from`) as PEFT's
 `prompt_tuning_init`: `random` = N(0, 1) (torch.nn.Embedding's default), `vocab` = the embeddings of
 N token ids drawn uniformly from the vocabulary (SAMPLE_VOCAB), `text` = the embeddings of the
 tokenised `init_text` repeated / truncated to N (TEXT; the trainer binds the run's tokenizer,
@@ -164,7 +164,7 @@ class PromptTuning(VirtualTokens):
 
     name: ClassVar[str] = "prompt_tuning"
     num_virtual_tokens: int = 20
-    init: str = "random"
+    init_from: str = "random"
     init_text: str = ""
     init_ids: tuple = ()
 
@@ -172,21 +172,21 @@ class PromptTuning(VirtualTokens):
         if self.num_virtual_tokens <= 0:
             raise MethodConfigError(f"config field 'peft.prompt_tuning.num_virtual_tokens' must be > 0, "
                                     f"got {self.num_virtual_tokens}")
-        if self.init not in INITS:
-            raise MethodConfigError(f"config field 'peft.prompt_tuning.init' = {self.init!r} is not one of {list(INITS)}")
-        if self.init == "text" and not self.init_text:
+        if self.init_from not in INITS:
+            raise MethodConfigError(f"config field 'peft.prompt_tuning.init_from' = {self.init_from!r} is not one of {list(INITS)}")
+        if self.init_from == "text" and not self.init_text:
             raise MethodConfigError("config field 'peft.prompt_tuning.init_text' is empty but "
-                                    "peft.prompt_tuning.init='text' needs it")
+                                    "peft.prompt_tuning.init_from='text' needs it")
         object.__setattr__(self, "init_ids", tuple(int(i) for i in self.init_ids))
 
     @classmethod
     def from_config(cls, peft_cfg) -> "PromptTuning":
         s = peft_cfg["prompt_tuning"]
-        return cls(num_virtual_tokens=int(s["num_virtual_tokens"]), init=str(s["init"]),
+        return cls(num_virtual_tokens=int(s["num_virtual_tokens"]), init_from=str(s["init_from"]),
                    init_text=str(s["init_text"]), init_ids=tuple(s["init_ids"]) if "init_ids" in s else ())
 
     def with_tokenizer(self, tokenizer) -> "PromptTuning":
-        if self.init != "text" or self.init_ids:
+        if self.init_from != "text" or self.init_ids:
             return self
         ids = list(tokenizer(self.init_text)["input_ids"])  # as PEFT: the tokenizer's own special tokens
         if not ids:
@@ -195,19 +195,19 @@ class PromptTuning(VirtualTokens):
         return dataclasses.replace(self, init_ids=tuple(int(i) for i in ids))
 
     def describe(self) -> str:
-        return f"prompt tuning: {self.num_virtual_tokens} virtual tokens (init {self.init})"
+        return f"prompt tuning: {self.num_virtual_tokens} virtual tokens (init {self.init_from})"
 
     def init_trainable(self, params: Params, frozen: Params, model_config, rng) -> Params:
         n = int(self.num_virtual_tokens)
         emb = params["embed"]["embedding"]
         v, d = emb.shape
-        if self.init == "random":
+        if self.init_from == "random":
             prompt = jax.random.normal(rng, (n, d), jnp.float32)
-        elif self.init == "vocab":
+        elif self.init_from == "vocab":
             prompt = jnp.take(emb, jax.random.randint(rng, (n,), 0, v), axis=0)
         else:
             if not self.init_ids:
-                raise MethodConfigError("peft.prompt_tuning.init='text' needs the run's tokenizer (with_tokenizer) "
+                raise MethodConfigError("peft.prompt_tuning.init_from='text' needs the run's tokenizer (with_tokenizer) "
                                         "or peft.prompt_tuning.init_ids")
             ids = list(self.init_ids)
             ids = (ids * (-(-n // len(ids))))[:n]  # PEFT: repeat the text's ids, then truncate to N
@@ -223,7 +223,7 @@ class PromptTuning(VirtualTokens):
     def save_peft(self, out_dir: str, trainable: Params, frozen: Params, model_config, *,
                   base_model_name_or_path: str = "", dtype: str = "float32") -> list[str]:
         cfg = {**self.peft_common(model_config, base_model_name_or_path), "peft_type": "PROMPT_TUNING",
-               "prompt_tuning_init": {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[self.init],
+               "prompt_tuning_init": {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}[self.init_from],
                "prompt_tuning_init_text": self.init_text or None, "tokenizer_name_or_path": None,
                "tokenizer_kwargs": None}
         return write_prompt_adapter(out_dir, cfg, self.prompt_embeddings(trainable), dtype)
