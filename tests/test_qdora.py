@@ -149,3 +149,23 @@ def test_peft_export_on_bitsandbytes_base_and_merged_export(hf_dir, tmp_path):
     with torch.no_grad():
         theirs = plain(input_ids=torch.from_numpy(ids).long()).logits.numpy()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_dora_is_not_stacked_by_the_multi_adapter_server():
+    """DoRA's LowRank carries a per-column scale (and needs the base kernel for it): the server's
+    multi-adapter stacking (x A B terms only) refuses it instead of serving a wrong model; LoRA stacks."""
+    from sft_jax.models import llama
+    from sft_jax.models.config import ModelConfig
+    from sft_jax.serve.adapters import NotStackable, low_rank_parts
+
+    c = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2,
+                    max_position_embeddings=64)
+    params = llama.init_params(c, jax.random.PRNGKey(0))
+    for method in (peft.Dora(rank=2, alpha=4.0), peft.Lora(rank=2, alpha=4.0)):
+        trainable, frozen = method.init(params, c, jax.random.PRNGKey(1))
+        variables = method.variables(trainable, frozen)
+        if isinstance(method, peft.Dora):
+            with pytest.raises(NotStackable, match="dora"):
+                low_rank_parts(method, variables, c)
+        else:
+            assert len(low_rank_parts(method, variables, c)) == 7
