@@ -9,6 +9,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# One fresh persistent XLA compilation cache per test session (removed at its end; no state across
+# runs): the many `python -m sft_jax.train/export/generate` subprocesses of the suite compile the
+# same small programs again and again; with the cache only the first compiles them.  Subprocesses
+# inherit it through the environment (JAX reads JAX_COMPILATION_CACHE_DIR at import; the trainer
+# reads SFT_JAX_COMPILATION_CACHE).  SFT_JAX_TEST_XLA_CACHE=off turns it off.
+_XLA_CACHE = None
+if os.environ.get("SFT_JAX_TEST_XLA_CACHE", "on").lower() != "off":
+    import tempfile
+
+    _XLA_CACHE = tempfile.mkdtemp(prefix="sft_jax_test_xla_")
+    os.environ["SFT_JAX_COMPILATION_CACHE"] = _XLA_CACHE
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = os.environ.get(
+        "SFT_JAX_TEST_XLA_CACHE_MIN_SECS", "0.5")
+else:
+    os.environ["SFT_JAX_COMPILATION_CACHE"] = "off"
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,3 +44,38 @@ def shared_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def repo_dir() -> pathlib.Path:
     return REPO
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _XLA_CACHE and not hasattr(session.config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
+
+# `python -m sft_jax.train` of configs/tiny.py (test_train.SMALL) for 4 steps with synchronous
+# checkpoints of steps 2 and 4: the starting point of several checkpoint/resume tests.  Trained once
+# per session; each test gets its own copy (`trained_4_steps(tmp_path)` -> the copied work directory).
+CKPT_4_ARGS = ("--config.checkpoint.every_steps=2", "--config.checkpoint.keep=5",
+               "--config.checkpoint.async_save=False")
+
+
+@pytest.fixture(scope="session")
+def _trained_4_steps_src(tmp_path_factory):
+    from test_train import _train
+
+    wd = tmp_path_factory.mktemp("trained_4_steps") / "run"
+    _train(wd, "--config.train.steps=4", *CKPT_4_ARGS)
+    return wd
+
+
+@pytest.fixture
+def trained_4_steps(_trained_4_steps_src):
+    import shutil
+
+    def copy(dest_parent: pathlib.Path) -> pathlib.Path:
+        dest = pathlib.Path(dest_parent) / "run"
+        shutil.copytree(_trained_4_steps_src, dest, symlinks=True)
+        return dest
+
+    return copy

@@ -348,7 +348,7 @@ def _env():
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     env["JAX_PLATFORMS"] = "cpu"
-    env["SFT_JAX_COMPILATION_CACHE"] = "off"
+    env["SFT_JAX_COMPILATION_CACHE"] = os.environ.get("SFT_JAX_COMPILATION_CACHE", "off")  # conftest: the session's cache
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -327,23 +327,31 @@ def test_scanned_layers(base_dir, name):
 
 def _cli(cwd, *args, timeout=900):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               SFT_JAX_COMPILATION_CACHE="off", TOKENIZERS_PARALLELISM="false")
+               SFT_JAX_COMPILATION_CACHE=os.environ.get("SFT_JAX_COMPILATION_CACHE", "off"), TOKENIZERS_PARALLELISM="false")
     p = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, f"{args[:2]} exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     return p.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["dora", "pissa"])
-def test_cli_train_export_generate_on_stories260k(shared_dir, repo_dir, tmp_path, name):
-    """`python -m sft_jax.train` with peft.method=dora|pissa on stories260K (converted with sft_jax.convert):
-    held-out loss falls in a few dozen steps; the PEFT export loads in peft on the (unchanged) base and the merged
-    export in transformers, both with the workdir's logits; generate runs from the workdir."""
-    base = tmp_path / "stories260K"
+@pytest.fixture(scope="module")
+def cli_base(shared_dir, repo_dir, tmp_path_factory):
+    """stories260K converted once with `python -m sft_jax.convert llama2c` (read-only: the runs resize the
+    vocabulary into their own work directory's base_model)."""
+    base = tmp_path_factory.mktemp("cli_base") / "stories260K"
     assets = shared_dir / "assets" / "stories260K"
     _cli(repo_dir, "sft_jax.convert", "llama2c", f"--checkpoint={assets / 'stories260K.bin'}",
          f"--tokenizer={assets / 'tok512.model'}", f"--out={base}")
+    return base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dora", "pissa"])
+def test_cli_train_export_generate_on_stories260k(shared_dir, repo_dir, cli_base, tmp_path, name):
+    """`python -m sft_jax.train` with peft.method=dora|pissa on stories260K (converted with sft_jax.convert):
+    held-out loss falls in a few dozen steps; the PEFT export loads in peft on the (unchanged) base and the merged
+    export in transformers, both with the workdir's logits; generate runs from the workdir."""
+    base = cli_base
     wd = tmp_path / "wd"
     _cli(repo_dir, "sft_jax.train", "--config=configs/lima.py", f"--workdir={wd}", f"--config.model.path={base}",
          f"--config.data.path={shared_dir / 'data' / 'alpaca_en_demo.json'}", "--config.data.template=chatml",

@@ -110,7 +110,7 @@ def test_generation_metrics_against_own_greedy_outputs(model, tmp_path):
 def _env():
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["SFT_JAX_COMPILATION_CACHE"] = "off"
+    env["SFT_JAX_COMPILATION_CACHE"] = os.environ.get("SFT_JAX_COMPILATION_CACHE", "off")  # conftest: the session's cache
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -399,7 +399,7 @@ def test_stories260k_finetuned_gguf_loads_in_transformers(shared_dir, tmp_path):
     base = tmp_path / "stories260K"
     convert_llama2c(str(assets / "stories260K.bin"), str(assets / "tok512.model"), str(base))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               SFT_JAX_COMPILATION_CACHE="off")
+               SFT_JAX_COMPILATION_CACHE=os.environ.get("SFT_JAX_COMPILATION_CACHE", "off"))
     wd = tmp_path / "run"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     train = [sys.executable, "-m", "sft_jax.train", "--config=configs/tiny.py", f"--workdir={wd}",

@@ -44,7 +44,9 @@ def _env(tmp_root, **extra):
     env = dict(os.environ)
     for k in ("XLA_FLAGS", "SFT_JAX_COORDINATOR", "SFT_JAX_NUM_PROCESSES", "SFT_JAX_PROCESS_ID"):
         env.pop(k, None)
-    env.update(JAX_PLATFORMS="cpu", SFT_JAX_COMPILATION_CACHE=str(tmp_root / "xla_cache"), PYTHONUNBUFFERED="1")
+    cache = os.environ.get("SFT_JAX_COMPILATION_CACHE", "off")  # conftest: the session's cache
+    cache = str(tmp_root / "xla_cache") if cache == "off" else cache
+    env.update(JAX_PLATFORMS="cpu", SFT_JAX_COMPILATION_CACHE=cache, PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 

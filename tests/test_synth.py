@@ -27,7 +27,7 @@ SEEDS = REPO.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
 def _env():
     env = dict(os.environ)
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               SFT_JAX_COMPILATION_CACHE="off", TOKENIZERS_PARALLELISM="false")
+               SFT_JAX_COMPILATION_CACHE=os.environ.get("SFT_JAX_COMPILATION_CACHE", "off"), TOKENIZERS_PARALLELISM="false")
     return env
 
 

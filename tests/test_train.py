@@ -32,7 +32,7 @@ def _env():
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     env["JAX_PLATFORMS"] = "cpu"
-    env["SFT_JAX_COMPILATION_CACHE"] = "off"
+    env["SFT_JAX_COMPILATION_CACHE"] = os.environ.get("SFT_JAX_COMPILATION_CACHE", "off")  # conftest: the session's cache
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
@@ -166,11 +166,10 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
-    wd = tmp_path / "run"
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, trained_4_steps):
     common = ["--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False",
               "--config.checkpoint.keep=5"]
-    _train(wd, "--config.train.steps=4", *common)  # good checkpoints at steps 2 and 4
+    wd = trained_4_steps(tmp_path)  # conftest: 4 steps with these flags, good checkpoints at steps 2 and 4
     # continue with an absurd learning rate: the loss becomes non-finite within a step or two
     p = _train(wd, "--config.train.steps=40", "--config.train.lr=1e12",
                "--config.train.schedule=constant", *common, check=False)
@@ -189,10 +188,9 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back(tmp_path):
-    wd = tmp_path / "run"
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, trained_4_steps):
     common = ["--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3", "--config.checkpoint.async_save=False"]
-    _train(wd, "--config.train.steps=4", *common)
+    wd = trained_4_steps(tmp_path)  # conftest: 4 steps of SMALL, checkpoints of steps 2 and 4
     latest = wd / "checkpoints" / "4"
     files = [f for f in latest.rglob("*") if f.is_file() and "state" in str(f.relative_to(latest))]
     assert files
