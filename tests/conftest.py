@@ -55,27 +55,31 @@ def pytest_sessionfinish(session, exitstatus):
 
 # `python -m sft_jax.train` of configs/tiny.py (test_train.SMALL) for 4 steps with synchronous
 # checkpoints of steps 2 and 4: the starting point of several checkpoint/resume tests.  Trained once
-# per session; each test gets its own copy (`trained_4_steps(tmp_path)` -> the copied work directory).
+# per session and kept aside; each test gets it back, fresh, at the SAME path (the run's config records
+# absolute paths of its tiny data and tokenizer, and a resume refuses a changed config).  The tests run
+# one after another in a session (each pytest-xdist worker has its own session and directory).
 CKPT_4_ARGS = ("--config.checkpoint.every_steps=2", "--config.checkpoint.keep=5",
                "--config.checkpoint.async_save=False")
 
 
 @pytest.fixture(scope="session")
 def _trained_4_steps_src(tmp_path_factory):
+    import shutil
+
     from test_train import _train
 
-    wd = tmp_path_factory.mktemp("trained_4_steps") / "run"
-    _train(wd, "--config.train.steps=4", *CKPT_4_ARGS)
-    return wd
+    root = tmp_path_factory.mktemp("trained_4_steps")
+    _train(root / "run", "--config.train.steps=4", *CKPT_4_ARGS)
+    shutil.copytree(root / "run", root / "pristine", symlinks=True)
+    return root
 
 
 @pytest.fixture
-def trained_4_steps(_trained_4_steps_src):
+def trained_4_steps(_trained_4_steps_src) -> pathlib.Path:
+    """The 4-step work directory, as the session's run left it (restored before every test)."""
     import shutil
 
-    def copy(dest_parent: pathlib.Path) -> pathlib.Path:
-        dest = pathlib.Path(dest_parent) / "run"
-        shutil.copytree(_trained_4_steps_src, dest, symlinks=True)
-        return dest
-
-    return copy
+    wd = _trained_4_steps_src / "run"
+    shutil.rmtree(wd, ignore_errors=True)
+    shutil.copytree(_trained_4_steps_src / "pristine", wd, symlinks=True)
+    return wd

@@ -93,7 +93,7 @@ def test_all_steps_unreadable_is_one_line_naming_them(tmp_path):
 @pytest.mark.slow
 def test_trainer_corrupt_meta_falls_back_all_corrupt_says_resume_none(tmp_path, trained_4_steps):
     common = ["--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3", "--config.checkpoint.async_save=False"]
-    wd = trained_4_steps(tmp_path)  # conftest: 4 steps of test_train.SMALL, checkpoints of steps 2 and 4
+    wd = trained_4_steps  # conftest: 4 steps of test_train.SMALL, checkpoints of steps 2 and 4
     (wd / "checkpoints" / "4" / "meta" / "metadata").write_text("{garbage")
     with open(wd / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "lo')  # and metrics.jsonl ends on a half-written line (a kill while writing)

@@ -169,7 +169,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, trained_4_steps):
     common = ["--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False",
               "--config.checkpoint.keep=5"]
-    wd = trained_4_steps(tmp_path)  # conftest: 4 steps with these flags, good checkpoints at steps 2 and 4
+    wd = trained_4_steps  # conftest: 4 steps with these flags, good checkpoints at steps 2 and 4
     # continue with an absurd learning rate: the loss becomes non-finite within a step or two
     p = _train(wd, "--config.train.steps=40", "--config.train.lr=1e12",
                "--config.train.schedule=constant", *common, check=False)
@@ -190,7 +190,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, trained_4_st
 @pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, trained_4_steps):
     common = ["--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3", "--config.checkpoint.async_save=False"]
-    wd = trained_4_steps(tmp_path)  # conftest: 4 steps of SMALL, checkpoints of steps 2 and 4
+    wd = trained_4_steps  # conftest: 4 steps of SMALL, checkpoints of steps 2 and 4
     latest = wd / "checkpoints" / "4"
     files = [f for f in latest.rglob("*") if f.is_file() and "state" in str(f.relative_to(latest))]
     assert files
