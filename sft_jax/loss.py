@@ -51,11 +51,19 @@ def cross_entropy_sums(logits, targets, loss_mask, *, z_loss: float = 0.0) -> di
     }
 
 
-def _chunk_terms(h, kernel, tgt, m, z_loss: float, kernel_grad: bool):
+def _capped(logits, softcap):
+    """Gemma 2's final logit soft-capping (softcap * tanh(logits / softcap)) and its derivative factor."""
+    if softcap is None:
+        return logits, None
+    t = jnp.tanh(logits / softcap)
+    return t * softcap, 1.0 - t * t
+
+
+def _chunk_terms(h, kernel, tgt, m, z_loss: float, kernel_grad: bool, softcap=None):
     """One chunk (h [B, c, D], tgt / m [B, c]): the three sums, d(loss_sum)/dh [B, c, D] (h's dtype) and
     d(loss_sum)/dkernel [D, V] (float32; None without `kernel_grad`)."""
     w = kernel.astype(h.dtype)
-    logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    logits, dcap = _capped(jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32), softcap)
     total, ce, correct = _token_terms(logits, tgt, z_loss)
     sums = jnp.stack([jnp.sum(total * m), jnp.sum(ce * m), jnp.sum(correct * m)])
     # d(total)/dlogits = softmax * (1 + 2 z lse) - onehot(target); times the mask
@@ -67,18 +75,21 @@ def _chunk_terms(h, kernel, tgt, m, z_loss: float, kernel_grad: bool):
         lse = mx + jnp.log(se)
         p = p * (1.0 + 2.0 * z_loss * lse)
     onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == tgt[..., None].astype(jnp.int32)
-    dlogits = (jnp.where(onehot, p - 1.0, p) * m[..., None]).astype(h.dtype)
+    dlogits = jnp.where(onehot, p - 1.0, p) * m[..., None]
+    if dcap is not None:
+        dlogits = dlogits * dcap
+    dlogits = dlogits.astype(h.dtype)
     dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
     dw = jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32) if kernel_grad else None
     return sums, dh, dw
 
 
-def _fused_scan(hs, kernel, ts, ms, z_loss, kernel_grad):
+def _fused_scan(hs, kernel, ts, ms, z_loss, kernel_grad, softcap=None):
     d, v = kernel.shape
 
     def body(carry, xs):
         acc, dw = carry
-        sums, dh, dw_c = _chunk_terms(*xs[:1], kernel, *xs[1:], z_loss, kernel_grad)
+        sums, dh, dw_c = _chunk_terms(*xs[:1], kernel, *xs[1:], z_loss, kernel_grad, softcap)
         return (acc + sums, dw + dw_c if kernel_grad else dw), dh
 
     dw0 = jnp.zeros((d, v), jnp.float32) if kernel_grad else jnp.zeros((), jnp.float32)
@@ -86,25 +97,26 @@ def _fused_scan(hs, kernel, ts, ms, z_loss, kernel_grad):
     return acc, dhs, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_sums(hs, kernel, ts, ms, z_loss, kernel_grad):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_sums(hs, kernel, ts, ms, z_loss, kernel_grad, softcap=None):
     """Not differentiated (evaluation): the sums alone, no gradient work."""
 
     def body(acc, xs):
         h, tgt, m = xs
-        logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = _capped(jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32),
+                         softcap)[0]
         total, ce, correct = _token_terms(logits, tgt, z_loss)
         return acc + jnp.stack([jnp.sum(total * m), jnp.sum(ce * m), jnp.sum(correct * m)]), None
 
     return jax.lax.scan(body, jnp.zeros((3,), jnp.float32), (hs, ts, ms))[0]
 
 
-def _fused_fwd(hs, kernel, ts, ms, z_loss, kernel_grad):
-    acc, dhs, dw = _fused_scan(hs, kernel, ts, ms, z_loss, kernel_grad)
+def _fused_fwd(hs, kernel, ts, ms, z_loss, kernel_grad, softcap=None):
+    acc, dhs, dw = _fused_scan(hs, kernel, ts, ms, z_loss, kernel_grad, softcap)
     return acc, (dhs, dw, kernel, ts, ms)
 
 
-def _fused_bwd(z_loss, kernel_grad, res, g):
+def _fused_bwd(z_loss, kernel_grad, softcap, res, g):
     dhs, dw, kernel, ts, ms = res
     gl = g[0]  # only loss_sum is differentiable (the caller stops the gradient of the others)
     dk = (gl * dw).astype(kernel.dtype) if kernel_grad else jnp.zeros_like(kernel)
@@ -116,7 +128,8 @@ _fused_sums.defvjp(_fused_fwd, _fused_bwd)
 
 
 def chunked_cross_entropy_sums(
-    hidden, kernel, targets, loss_mask, *, chunk_size: int, z_loss: float = 0.0, kernel_grad: bool = True
+    hidden, kernel, targets, loss_mask, *, chunk_size: int, z_loss: float = 0.0, kernel_grad: bool = True,
+    softcap: float | None = None,
 ) -> dict:
     """Like `cross_entropy_sums(hidden @ kernel, ...)` without materialising [B, T, V].
 
@@ -131,7 +144,8 @@ def chunked_cross_entropy_sums(
 
     Only `loss_sum` is differentiable; `ce_sum` and `correct` are returned under `stop_gradient`.
     `kernel_grad=False` treats the kernel as a constant (a frozen LM head, e.g. LoRA): its gradient is
-    zero and its [D, V] accumulation is skipped.
+    zero and its [D, V] accumulation is skipped. `softcap` (Gemma 2's final_logit_softcapping): the
+    logits are softcap * tanh(logits / softcap), in the sums and the gradients.
     """
     b, t, d = hidden.shape
     n = -(-t // chunk_size)
@@ -148,6 +162,7 @@ def chunked_cross_entropy_sums(
     hs = h.reshape(b, n, chunk_size, d).swapaxes(0, 1)
     ts = tg.reshape(b, n, chunk_size).swapaxes(0, 1).astype(jnp.int32)
     ms = m.reshape(b, n, chunk_size).swapaxes(0, 1)
-    acc = _fused_sums(hs, kernel, ts, ms, float(z_loss), bool(kernel_grad))
+    acc = _fused_sums(hs, kernel, ts, ms, float(z_loss), bool(kernel_grad),
+                      None if softcap is None else float(softcap))
     aux = jax.lax.stop_gradient(acc)
     return {"loss_sum": acc[0], "ce_sum": aux[1], "correct": aux[2], "tokens": jnp.sum(mask)}

@@ -84,6 +84,7 @@ def _loss_sums(trainable, frozen, batch, *, model_config, method: Method, opts, 
         return chunked_cross_entropy_sums(
             out, kernel, batch["targets"], batch["loss_mask"], chunk_size=opts.loss_chunk_size, z_loss=opts.z_loss,
             kernel_grad=method.trains_base,  # a frozen LM head needs no kernel gradient
+            softcap=model_config.final_logit_softcapping,
         )
     return cross_entropy_sums(out, batch["targets"], batch["loss_mask"], z_loss=opts.z_loss)
 

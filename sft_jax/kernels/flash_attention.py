@@ -113,6 +113,7 @@ def _loop(lo, hi, body, init):
 
 
 def _fwd_impl(q, k, v, seg, pos, window, dtype):
+    window, cap = window if isinstance(window, tuple) else (window, None)  # (sliding window, logit soft-cap)
     # block-major layout: q [nb, B, KV, c, G, hd]; k, v [nb, B, KV, c, hd] (a block is q[i]: a
     # contiguous slice, no strided copy per visited pair)
     nb, b, kvh, c, g, hd = q.shape
@@ -132,6 +133,8 @@ def _fwd_impl(q, k, v, seg, pos, window, dtype):
             kj, vj = k[j], v[j]
             msk = _mask(sq, _sl(seg, lk, c, 1), pq, _sl(pos, lk, c, 1), lo, lk, window)[:, None, :, None, :]
             s = jnp.einsum("bkqgd,bksd->bkqgs", qi, kj, preferred_element_type=F32) * scale
+            if cap is not None:  # Gemma 2: scores -> cap * tanh(scores / cap)
+                s = jnp.tanh(s / cap) * cap
             s = jnp.where(msk, s, _NEG)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.where(msk, jnp.exp(s - m_new[..., None]), 0.0)
@@ -155,6 +158,7 @@ def _fwd_impl(q, k, v, seg, pos, window, dtype):
 
 
 def _bwd_impl(q, k, v, seg, pos, out, lse, dout, window, dtype):
+    window, cap = window if isinstance(window, tuple) else (window, None)
     nb, b, kvh, c, g, hd = q.shape
     scale = hd**-0.5
     _, q_hi = _pair_bounds(seg, nb, c)
@@ -174,9 +178,15 @@ def _bwd_impl(q, k, v, seg, pos, out, lse, dout, window, dtype):
             qi, doi = q[i], dout[i]
             msk = _mask(_sl(seg, lo, c, 1), sk, _sl(pos, lo, c, 1), pk, lo, lk, window)[:, None, :, None, :]
             s = jnp.einsum("bkqgd,bksd->bkqgs", qi, kj, preferred_element_type=F32) * scale
+            if cap is not None:
+                t_ = jnp.tanh(s / cap)
+                s = t_ * cap
             p = jnp.where(msk, jnp.exp(s - lse[i][..., None]), 0.0)
             dp = jnp.einsum("bkqgd,bksd->bkqgs", doi, vj, preferred_element_type=F32)
-            ds = p * (dp - dsum[i][..., None]) * scale
+            ds = p * (dp - dsum[i][..., None])
+            if cap is not None:  # d(cap tanh(s / cap)) / ds = 1 - tanh^2
+                ds = ds * (1.0 - t_ * t_)
+            ds = ds * scale
             dvj = dvj + jnp.einsum("bkqgs,bkqgd->bksd", p.astype(dtype), doi, preferred_element_type=F32)
             dkj = dkj + jnp.einsum("bkqgs,bkqgd->bksd", ds.astype(dtype), qi, preferred_element_type=F32)
             dq = dq.at[i].add(jnp.einsum("bkqgs,bksd->bkqgd", ds.astype(dtype), kj, preferred_element_type=F32))
@@ -211,8 +221,10 @@ def _attn_bwd(window, dtype, res, dout):
 _attn.defvjp(_attn_fwd, _attn_bwd)
 
 
-def segment_attention(q, k, v, segment_ids, positions, *, dtype, sliding_window=None, block: int = 0):
-    """See the module docstring. q [B,T,H,hd], k/v [B,T,KV,hd] -> [B,T,H*hd]."""
+def segment_attention(q, k, v, segment_ids, positions, *, dtype, sliding_window=None, block: int = 0,
+                      softcap: float | None = None):
+    """See the module docstring. q [B,T,H,hd], k/v [B,T,KV,hd] -> [B,T,H*hd]; `softcap` (Gemma 2):
+    scores -> softcap * tanh(scores / softcap) before the mask and softmax."""
     b, t, h, hd = q.shape
     kvh = k.shape[2]
     g = h // kvh
@@ -222,7 +234,8 @@ def segment_attention(q, k, v, segment_ids, positions, *, dtype, sliding_window=
     qh = q.astype(dtype).reshape(b, nb, c, kvh, g, hd).transpose(1, 0, 3, 2, 4, 5)
     kh = k.astype(dtype).reshape(b, nb, c, kvh, hd).transpose(1, 0, 3, 2, 4)
     vh = v.astype(dtype).reshape(b, nb, c, kvh, hd).transpose(1, 0, 3, 2, 4)
-    o = _attn(qh, kh, vh, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), sliding_window,
+    o = _attn(qh, kh, vh, segment_ids.astype(jnp.int32), positions.astype(jnp.int32),
+              sliding_window if softcap is None else (sliding_window, float(softcap)),
               jnp.dtype(dtype))
     return o.transpose(1, 0, 3, 2, 4, 5).reshape(b, t, h * hd)
 

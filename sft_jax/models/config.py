@@ -14,7 +14,9 @@ import dataclasses
 import json
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 # transformers' Phi3Config accepts only these (and reads "su"/"yarn" as longrope)
 PHI3_ROPE_TYPES = ("default", "longrope")
@@ -25,6 +27,8 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 # Keys of config.json that `from_hf` interprets itself (everything else is kept in
@@ -36,7 +40,8 @@ _MANAGED_HF_KEYS = {
     "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers",
     "layer_types", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
     "torch_dtype", "dtype", "transformers_version", "hidden_act", "pretraining_tp",
-    "_name_or_path", "auto_map", "partial_rotary_factor",
+    "_name_or_path", "auto_map", "partial_rotary_factor", "hidden_activation", "query_pre_attn_scalar",
+    "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq", "sliding_window_pattern",
 }
 
 
@@ -72,7 +77,17 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q/k/v projections
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k
-    sliding_window: int | None = None  # every layer attends to the last `sliding_window` positions
+    sliding_window: int | None = None  # every layer (or, with layer_types, each sliding layer) attends to the last `sliding_window` positions
+    # per-layer attention (HF `layer_types`): None = every layer sliding when sliding_window is set, else full;
+    # else one "sliding_attention" | "full_attention" per layer (Gemma 2/3, Qwen2 max_window_layers)
+    layer_types: tuple | None = None
+    # Gemma 2 / Gemma 3 text (model_type gemma2 | gemma3_text): RMSNorm (1 + w), embeddings * sqrt(hidden),
+    # GeGLU (gelu tanh), 4 norms per layer; these are their extra fields
+    hidden_act: str = "silu"  # silu | gelu_pytorch_tanh
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar**-0.5 (None: head_dim)
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    rope_local_base_freq: float | None = None  # Gemma 3: sliding layers' RoPE base (unscaled); None = rope_theta
     max_position_embeddings: int = 2048
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
@@ -98,6 +113,16 @@ class ModelConfig:
     hf_extra: dict | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ValueError(f"layer_types must hold num_layers={self.num_layers} entries of {list(LAYER_TYPES)}, "
+                                 f"got {self.layer_types}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+        if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
+            raise UnsupportedModelError(f"unsupported hidden_act {self.hidden_act!r} (silu | gelu_pytorch_tanh)")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -158,6 +183,31 @@ class ModelConfig:
         return self.model_type == "phi3"
 
     @property
+    def gemma(self) -> bool:
+        """Gemma 2/3: RMSNorm (1 + w), embeddings * sqrt(hidden), pre- and post-sublayer norms."""
+        return self.model_type in GEMMA_TYPES
+
+    @property
+    def layer_sliding(self) -> tuple[bool, ...]:
+        """Per layer: does it use the sliding window?"""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Layers differ in attention window (or RoPE): the model selects per layer."""
+        return len(set(self.layer_sliding)) > 1
+
+    @property
+    def local_rope(self) -> "ModelConfig | None":
+        """Gemma 3: the config whose RoPE the sliding layers use (rope_local_base_freq, no scaling)."""
+        if self.rope_local_base_freq is None or not any(self.layer_sliding):
+            return None
+        return self.replace(rope_theta=self.rope_local_base_freq, rope_scaling=None, rope_local_base_freq=None,
+                            layer_types=None, sliding_window=None)
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         e = self.eos_token_id
         if e is None:
@@ -174,12 +224,23 @@ class ModelConfig:
                 f"unsupported model_type {mt!r} (architectures={d.get('architectures')}); "
                 f"supported: {list(SUPPORTED_MODEL_TYPES)}"
             )
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {act!r} (only silu)")
+        gemma = mt in GEMMA_TYPES
+        act = (d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh") if gemma else d.get("hidden_act", "silu")
+        if act not in (("gelu_pytorch_tanh",) if gemma else ("silu",)):
+            raise UnsupportedModelError(f"{mt}: unsupported hidden_act {act!r} (only "
+                                        f"{'gelu_pytorch_tanh' if gemma else 'silu'})")
         if d.get("pretraining_tp", 1) != 1:
             pass  # only a torch-side compute split; weights are identical
         rope_params = d.get("rope_parameters")
+        local_base = None
+        if mt == "gemma3_text":  # transformers 5: rope_parameters per layer type; 4: rope_theta + rope_local_base_freq
+            if rope_params and "full_attention" in rope_params:
+                local_base = float((rope_params.get("sliding_attention") or {}).get("rope_theta", 10000.0))
+                rope_params = rope_params.get("full_attention")
+            else:
+                local_base = float(d.get("rope_local_base_freq", 10000.0))
+            if not rope_params and "rope_theta" not in d:
+                rope_params = {"rope_theta": 1_000_000.0, **(d.get("rope_scaling") or {})}
         if rope_params:
             rope_theta = float(rope_params.get("rope_theta", d.get("rope_theta", 10000.0)))
             rs = {k: v for k, v in rope_params.items() if k != "rope_theta"}
@@ -210,6 +271,7 @@ class ModelConfig:
         out_bias = bias
         qk_norm = False
         window = None
+        types = None
         if mt == "mistral":
             window = d.get("sliding_window")
         elif mt in ("qwen2", "qwen3"):
@@ -222,18 +284,31 @@ class ModelConfig:
                     "sliding_attention" if i >= d.get("max_window_layers", layers) else "full_attention"
                     for i in range(layers)
                 ]
-                if all(t == "sliding_attention" for t in types):
-                    window = d["sliding_window"]
-                elif any(t == "sliding_attention" for t in types):
-                    raise UnsupportedModelError(
-                        f"{mt}: sliding window on only some layers (layer_types={types}) is not implemented"
-                    )
+                window = d["sliding_window"]
+                types = list(types)
         elif mt == "phi3":
             window = d.get("sliding_window")
             if bias:
                 raise UnsupportedModelError("phi3 with attention_bias is not a Phi3ForCausalLM checkpoint")
+        elif gemma:
+            window = d.get("sliding_window")
+            if bias:
+                raise UnsupportedModelError(f"{mt} with attention_bias is not implemented")
+            types = d.get("layer_types")
+            if types is None:
+                pattern = 2 if mt == "gemma2" else d.get("sliding_window_pattern", 6)
+                types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+                if mt == "gemma2":
+                    types = ["sliding_attention" if not i % 2 else "full_attention" for i in range(layers)]
+            qk_norm = mt == "gemma3_text"
         elif mt == "llama":
             pass
+        if types is not None and window is None:
+            types = None if not any(t == "sliding_attention" for t in types) else types
+        if types is not None and not (len(set(types)) > 1 or (gemma and local_base is not None)):
+            if types[0] == "full_attention":
+                window = None
+            types = None
         extra = {k: v for k, v in d.items() if k not in _MANAGED_HF_KEYS}
         return cls(
             model_type=mt,
@@ -258,6 +333,12 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
+            layer_types=tuple(types) if types is not None else None,
+            hidden_act=act,
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar") if gemma else None,
+            attn_logit_softcapping=d.get("attn_logit_softcapping") if gemma else None,
+            final_logit_softcapping=d.get("final_logit_softcapping") if gemma else None,
+            rope_local_base_freq=local_base,
             hf_extra=extra or None,
             **policy,
         )
@@ -275,7 +356,7 @@ class ModelConfig:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            hidden_act="silu",
+            hidden_act=self.hidden_act,
             rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta,
             rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
@@ -305,16 +386,31 @@ class ModelConfig:
             d.update(sliding_window=self.sliding_window, rope_scaling=rs, partial_rotary_factor=self.partial_rotary_factor,
                      original_max_position_embeddings=orig)
         elif self.model_type in ("qwen2", "qwen3"):
+            types = [("sliding_attention" if s else "full_attention") for s in self.layer_sliding]
+            first_sliding = next((i for i, s in enumerate(self.layer_sliding) if s), self.num_layers)
             d.update(
                 use_sliding_window=self.sliding_window is not None,
                 sliding_window=self.sliding_window,
-                max_window_layers=0 if self.sliding_window is not None else self.num_layers,
-                layer_types=[
-                    "sliding_attention" if self.sliding_window is not None else "full_attention"
-                ] * self.num_layers,
+                max_window_layers=first_sliding if self.sliding_window is not None else self.num_layers,
+                layer_types=types,
             )
             if self.model_type == "qwen3":
                 d.update(attention_bias=self.attention_bias)
+        elif self.gemma:
+            if self.attention_bias or self.attention_out_bias or self.mlp_bias:
+                raise ValueError(f"{self.model_type} has no attention/mlp biases")
+            d.pop("hidden_act")
+            d.update(hidden_activation=self.hidden_act, sliding_window=self.sliding_window,
+                     layer_types=[("sliding_attention" if s else "full_attention") for s in self.layer_sliding],
+                     query_pre_attn_scalar=self.query_pre_attn_scalar, attention_bias=False)
+            if self.model_type == "gemma2":
+                d.update(attn_logit_softcapping=self.attn_logit_softcapping,
+                         final_logit_softcapping=self.final_logit_softcapping)
+            else:
+                d.update(attn_logit_softcapping=self.attn_logit_softcapping,
+                         final_logit_softcapping=self.final_logit_softcapping,
+                         rope_local_base_freq=self.rope_local_base_freq
+                         if self.rope_local_base_freq is not None else self.rope_theta)
         if torch_dtype is not None:
             d["torch_dtype"] = torch_dtype
             d["dtype"] = torch_dtype

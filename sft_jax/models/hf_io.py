@@ -52,6 +52,9 @@ def _layer_entries(config: ModelConfig) -> list[tuple[tuple[str, ...], str, bool
         (("input_norm", "scale"), "input_layernorm.weight", False),
         (("post_attn_norm", "scale"), "post_attention_layernorm.weight", False),
     ]
+    if config.gemma:  # Gemma 2/3: post-attention and pre/post-feedforward norms
+        out += [(("pre_ffw_norm", "scale"), "pre_feedforward_layernorm.weight", False),
+                (("post_ffw_norm", "scale"), "post_feedforward_layernorm.weight", False)]
     if config.fused_projections:  # Phi-3: the checkpoint's fused modules are the model's own
         out.append((("attn", "qkv_proj", "kernel"), "self_attn.qkv_proj.weight", True))
         out.append((("attn", "o_proj", "kernel"), "self_attn.o_proj.weight", True))

@@ -90,13 +90,15 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray, dtype) -> Array
 
 
 # ------------------------------------------------------------------ attention
-def attend(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
+def attend(q: Array, k: Array, v: Array, mask: Array, dtype, softcap: float | None = None) -> Array:
     """GQA attention (HF's eager attention). q [B,T,H,hd], k/v [B,S,KV,hd], mask [B,T,S] bool
-    -> [B,T,H*hd]; scores and softmax in float32."""
+    -> [B,T,H*hd]; scores and softmax in float32; `softcap` (Gemma 2): scores -> cap * tanh(scores / cap)."""
     b, t, h, hd = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, hd)
     s = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=F32) * (hd**-0.5)
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
     s = jnp.where(mask[:, None, None, :, :], s, _NEG)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bkgts,bskd->btkgd", p.astype(dtype), v.astype(dtype), preferred_element_type=F32)
@@ -117,6 +119,46 @@ def training_mask(segment_ids: Array, positions: Array, sliding_window: int | No
     return mask
 
 
+def softcap_logits(logits: Array, cap: float | None) -> Array:
+    """Gemma 2's final logit soft-capping: cap * tanh(logits / cap) (identity for None)."""
+    return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+
+def by_kind(sliding, fn):
+    """`fn(is_sliding)` for a layer: `sliding` is a Python bool (unrolled layers, or all layers alike) or a
+    traced bool (scanned layers of mixed kinds: `lax.cond`, so only the layer's own branch runs)."""
+    if isinstance(sliding, (bool, np.bool_)):
+        return fn(bool(sliding))
+    return lax.cond(sliding, lambda: fn(True), lambda: fn(False))
+
+
+def pick(pair, sliding):
+    """One of (full, sliding) for a layer (a pytree pair of arrays; `jnp.where` when `sliding` is traced)."""
+    if pair is None or not isinstance(pair, PerKind):
+        return pair
+    if isinstance(sliding, (bool, np.bool_)):
+        return pair.sliding if sliding else pair.full
+    return jax.tree.map(lambda a, b: jnp.where(sliding, b, a), pair.full, pair.sliding)
+
+
+class PerKind(tuple):
+    """(full-attention value, sliding-attention value): what `Llama` builds once for mixed layer types."""
+
+    def __new__(cls, full, sliding):
+        return super().__new__(cls, (full, sliding))
+
+    @property
+    def full(self):
+        return self[0]
+
+    @property
+    def sliding(self):
+        return self[1]
+
+
+jax.tree_util.register_pytree_node(PerKind, lambda p: ((p[0], p[1]), None), lambda _, c: PerKind(*c))
+
+
 def lm_logits(x: Array, w: Array) -> Array:
     """x [..., D] @ w [D, V] -> float32 logits."""
     return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=F32)
@@ -127,15 +169,18 @@ class RMSNorm(nn.Module):
     eps: float
     dtype: Any = F32
     param_dtype: Any = F32
+    offset: bool = False  # Gemma: y * (1 + w), w initialised to zeros
 
     @nn.compact
     def __call__(self, x):
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+            "scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), self.param_dtype
         )
         x = x.astype(F32)
         y = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(F32)).astype(self.dtype)
+        w = scale.astype(F32)
+        return (y * (1.0 + w if self.offset else w)).astype(self.dtype)
 
 
 def _site_variables(module: nn.Module) -> dict:
@@ -176,7 +221,8 @@ class _Base(nn.Module):
         return ks.linear(self.hooks, call) if ks.linear else self.hooks.linear(call)
 
     def norm(self, name):
-        return RMSNorm(self.config.rms_norm_eps, dtype=self.dt, param_dtype=self.pdt, name=name)
+        return RMSNorm(self.config.rms_norm_eps, dtype=self.dt, param_dtype=self.pdt, offset=self.config.gemma,
+                       name=name)
 
 
 class Linear(_Base):
@@ -206,10 +252,15 @@ class Linear(_Base):
 
 class Attention(_Base):
     @nn.compact
-    def __call__(self, x, rope, mask, cache_index=None, cache=None):
+    def __call__(self, x, rope, mask, cache_index=None, cache=None, sliding=None):
         """x [B, T, D]; rope = (cos, sin) tables; mask as built by `Llama` (a [B, T, S] bool array,
-        or (segment_ids, positions) for the flash/pallas training attention)."""
+        or (segment_ids, positions) for the flash/pallas training attention), both already picked for
+        this layer's kind; `sliding`: does this layer use the sliding window (Python or traced bool)."""
         c, ks = self.config, self.kernels
+        if sliding is None:
+            sliding = c.layer_sliding[0]
+        win = lambda s: c.sliding_window if s else None  # noqa: E731
+        cap = c.attn_logit_softcapping
         b, t, _ = x.shape
         hd = c.head_dim
         if c.fused_projections:  # Phi-3: one qkv_proj [D, (H + 2 KV) hd], rows q | k | v (as in the checkpoint)
@@ -238,6 +289,10 @@ class Attention(_Base):
         k = _wlc(rope_lib.rotate(k.astype(F32), cos, sin, ks.rope).astype(self.dt),
                  ("act_batch", "act_length", "act_kv_heads", None))
         v = _wlc(v, ("act_batch", "act_length", "act_kv_heads", None))
+        if c.query_pre_attn_scalar is not None and float(c.query_pre_attn_scalar) != float(hd):
+            # Gemma: scores scaled by query_pre_attn_scalar**-0.5 instead of head_dim**-0.5 (folded into q,
+            # so every attention kernel applies it)
+            q = (q.astype(F32) * (hd**0.5 * float(c.query_pre_attn_scalar) ** -0.5)).astype(self.dt)
         k, v, prefix = self.hooks.attention_kv(k, v, self.site())
         new_cache = None
         if cache is not None:
@@ -248,29 +303,36 @@ class Attention(_Base):
             new_cache = (ck, cv)
         if prefix is not None:  # extra key/value slots every real query sees: the dense path
             if isinstance(mask, tuple):
-                mask = training_mask(mask[0], mask[1], c.sliding_window)
+                seg_, pos_ = mask
+                mask = by_kind(sliding, lambda s: training_mask(seg_, pos_, win(s)))
             sees = jnp.broadcast_to(mask.any(-1, keepdims=True), (*mask.shape[:2], prefix.k.shape[1]))
             k = jnp.concatenate([prefix.k.astype(k.dtype), k], axis=1)
             v = jnp.concatenate([prefix.v.astype(v.dtype), v], axis=1)
-            o = attend(q, k, v, jnp.concatenate([sees, mask], axis=-1), self.dt)
+            o = attend(q, k, v, jnp.concatenate([sees, mask], axis=-1), self.dt, cap)
         elif cache is not None:
-            o = attend(q, k, v, mask, self.dt)
+            o = attend(q, k, v, mask, self.dt, cap)
         elif c.attention == "flash" and isinstance(mask, tuple):  # block-sparse causal + segment attention, [B,H,T,T] never materialised
             seg, pos = mask
-            if ks.native_attention:
-                o = native_attention.attention(q, k, v, seg, pos, dtype=self.dt, sliding_window=c.sliding_window)
-            elif ks.flash_attention is not None:  # a kernel library's (model.kernels=tokamax)
-                o = ks.flash_attention(q, k, v, seg, pos, dtype=self.dt, sliding_window=c.sliding_window)
+            # the native C++ kernel and tokamax's have no logit soft-capping: the XLA flash kernel computes it then
+            if ks.native_attention and cap is None:
+                o = by_kind(sliding, lambda s: native_attention.attention(q, k, v, seg, pos, dtype=self.dt,
+                                                                          sliding_window=win(s)))
+            elif ks.flash_attention is not None and cap is None:  # a kernel library's (model.kernels=tokamax)
+                o = by_kind(sliding, lambda s: ks.flash_attention(q, k, v, seg, pos, dtype=self.dt,
+                                                                  sliding_window=win(s)))
             else:
-                o = flash_attention.segment_attention(q, k, v, seg, pos, dtype=self.dt,
-                                                      sliding_window=c.sliding_window, block=c.attention_block)
+                o = by_kind(sliding, lambda s: flash_attention.segment_attention(
+                    q, k, v, seg, pos, dtype=self.dt, sliding_window=win(s), block=c.attention_block, softcap=cap))
         elif c.attention == "pallas" and isinstance(mask, tuple):  # the same function as jax's Pallas (Triton) GPU kernel
-            o = pallas_attention.attention(q, k, v, mask[0], dtype=self.dt, sliding_window=c.sliding_window,
-                                           block=c.attention_block)
-        elif ks.dense_attention:
+            if cap is not None:
+                raise ValueError(f"model.attention=pallas does not support attn_logit_softcapping "
+                                 f"({c.model_type}); use model.attention=flash or dense")
+            o = by_kind(sliding, lambda s: pallas_attention.attention(q, k, v, mask[0], dtype=self.dt,
+                                                                      sliding_window=win(s), block=c.attention_block))
+        elif ks.dense_attention and cap is None:
             o = ks.dense_attention(attend, q, k, v, mask, self.dt)
         else:
-            o = attend(q, k, v, mask, self.dt)
+            o = attend(q, k, v, mask, self.dt, cap)
         o = self.apply_linear(self.linear(c.hidden_size, ("heads", "embed"), c.attention_out_bias, "o_proj")(o))
         return o, new_cache
 
@@ -286,18 +348,32 @@ class Mlp(_Base):
             return self.apply_linear(self.linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")(h))
         gate = self.linear(n, ("embed", "mlp"), c.mlp_bias, "gate_proj")(x)
         up = self.linear(n, ("embed", "mlp"), c.mlp_bias, "up_proj")(x)
-        h = ks.gate_up(self.hooks, gate, up) if ks.gate_up else None
+        h = ks.gate_up(self.hooks, gate, up) if ks.gate_up and c.hidden_act == "silu" else None
         if h is None:
             g = self.apply_linear(gate).astype(F32)
-            h = (nn.silu(g) * self.apply_linear(up).astype(F32)).astype(self.dt)
+            act = nn.silu(g) if c.hidden_act == "silu" else nn.gelu(g, approximate=True)  # Gemma: GeGLU (gelu tanh)
+            h = (act * self.apply_linear(up).astype(F32)).astype(self.dt)
         h = _wlc(h, ("act_batch", "act_length", "act_mlp"))
         return self.apply_linear(self.linear(c.hidden_size, ("mlp", "embed"), c.mlp_bias, "down_proj")(h))
 
 
 class DecoderLayer(_Base):
     @nn.compact
-    def __call__(self, x, rope, mask, cache_index=None, cache=None):
-        h, new_cache = self.sub(Attention, "attn")(self.norm("input_norm")(x), rope, mask, cache_index, cache)
+    def __call__(self, x, rope, mask, cache_index=None, cache=None, sliding=None):
+        """`sliding`: this layer's kind when the model mixes kinds (a traced bool under scan_layers);
+        `rope`/`mask` may then be `PerKind` pairs, picked here."""
+        c = self.config
+        if sliding is None:
+            sliding = c.layer_sliding[0]
+        rope, mask = pick(rope, sliding), pick(mask, sliding)
+        h, new_cache = self.sub(Attention, "attn")(self.norm("input_norm")(x), rope, mask, cache_index, cache, sliding)
+        if c.gemma:  # Gemma: post-attention norm on the sublayer output, then a pre-MLP norm
+            h = self.norm("post_attn_norm")(h)
+            x = x + self.hooks.sublayer_out("attn", h, self.site())
+            h = self.norm("post_ffw_norm")(self.sub(Mlp, "mlp")(self.norm("pre_ffw_norm")(x)))
+            x = x + self.hooks.sublayer_out("mlp", h, self.site())
+            x = _wlc(x, ("act_batch", "act_length", "act_embed"))
+            return x, new_cache
         x = x + self.hooks.sublayer_out("attn", h, self.site())
         h = self.sub(Mlp, "mlp")(self.norm("post_attn_norm")(x))
         x = x + self.hooks.sublayer_out("mlp", h, self.site())
@@ -328,6 +404,8 @@ class Llama(_Base):
 
         embedding = Embed(c, name="embed")()  # param path embed/embedding
         x = jnp.take(embedding, input_ids, axis=0).astype(self.dt)
+        if c.gemma:  # HF: * sqrt(hidden) as a tensor of the compute dtype
+            x = x * jnp.asarray(c.hidden_size**0.5, self.dt)
         if embed_noise is not None:
             x = x + embed_noise.astype(self.dt)
         root = dataclasses.replace(self.site(), decode=bool(decode and cache is not None))
@@ -336,10 +414,15 @@ class Llama(_Base):
         t = x.shape[1]
 
         cache_index = None
+        kinds = c.layer_sliding
+        mixed = c.mixed_layers
+        win = c.sliding_window if kinds[0] else None
         if cache is None and c.attention in ("flash", "pallas") and not self.hooks.embed_slots():
             mask = (seg, positions)  # the attention builds its mask block by block
         elif cache is None:
-            mask = training_mask(seg, positions, c.sliding_window)
+            mask = training_mask(seg, positions, win)
+            if mixed:
+                mask = PerKind(training_mask(seg, positions, None), training_mask(seg, positions, c.sliding_window))
         else:
             valid = seg != 0
             cache_index = jnp.asarray(cache["index"], jnp.int32)
@@ -347,10 +430,15 @@ class Llama(_Base):
                 cache["positions"], jnp.where(valid, positions, -1).astype(jnp.int32), (0, cache_index)
             )
             mask = (kv_pos[:, None, :] >= 0) & (kv_pos[:, None, :] <= positions[:, :, None]) & valid[:, :, None]
-            if c.sliding_window is not None:
-                mask = mask & (positions[:, :, None] - kv_pos[:, None, :] < c.sliding_window)
+            if mixed:
+                mask = PerKind(mask, mask & (positions[:, :, None] - kv_pos[:, None, :] < c.sliding_window))
+            elif win is not None:
+                mask = mask & (positions[:, :, None] - kv_pos[:, None, :] < win)
 
         rope = rope_lib.tables(c, positions, seg, per_segment=cache is None, tables_fn=ks.rope_tables)
+        if c.local_rope is not None:  # Gemma 3: sliding layers rotate with their own base
+            rope = PerKind(rope, rope_lib.tables(c.local_rope, positions, seg, per_segment=cache is None,
+                                                 tables_fn=ks.rope_tables))
         layer_cls = DecoderLayer
         if c.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
@@ -361,16 +449,17 @@ class Llama(_Base):
                 layer_cls,
                 variable_axes={"params": 0, **{col: 0 for col in COLLECTIONS}},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0) + ((0,) if mixed else ()),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, new_caches = stack(**kw, name="layers")(x, rope, mask, cache_index, layer_caches)
+            extra = (jnp.asarray(kinds),) if mixed else ()
+            x, new_caches = stack(**kw, name="layers")(x, rope, mask, cache_index, layer_caches, *extra)
         else:
             outs = []
             for i in range(c.num_layers):
                 lc = None if cache is None else (cache["k"][i], cache["v"][i])
-                x, nc = layer_cls(**kw, name=f"layers_{i}")(x, rope, mask, cache_index, lc)
+                x, nc = layer_cls(**kw, name=f"layers_{i}")(x, rope, mask, cache_index, lc, kinds[i] if mixed else None)
                 outs.append(nc)
             new_caches = None if cache is None else (
                 jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
@@ -380,6 +469,7 @@ class Llama(_Base):
         else:
             kernel = embedding.T if c.tie_embeddings else LMHead(c, name="lm_head")()
             out = (ks.logits_matmul or lm_logits)(x, kernel.astype(self.dt))  # float32 [B, T, V]
+            out = softcap_logits(out, c.final_logit_softcapping)
             out = _wlc(out, ("act_batch", "act_length", "act_vocab"))
         if cache is None:
             return out
