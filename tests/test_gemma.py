@@ -314,3 +314,51 @@ def test_config_parsing():
     assert allw.layer_types is None and allw.sliding_window == W
     with pytest.raises(ValueError, match="layer_types must hold num_layers=2"):
         ModelConfig(num_layers=2, sliding_window=4, layer_types=("full_attention",))
+
+
+# Gemma 3's published chat_template (google/gemma-3-*-it), text part
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n{%- endfor -%}\n{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n{%- endif -%}\n"
+)
+
+
+def test_tokenizer_own_gemma_template_matches_builtin():
+    """The tokenizer's own (marker-less) Gemma template, through the prefix diff, gives the built-in
+    `gemma` template's ids and assistant mask: <bos> first (not trained), system folded into the first
+    user turn, each reply and its <end_of_turn> trained."""
+    import copy
+
+    from sft_jax.data import masking, templates, testing
+
+    base = testing.tiny_fast_tokenizer()
+    ref_tok, _ = templates.prepare_tokenizer(copy.deepcopy(base), "gemma")
+    ref_ids, ref_mask = masking.encode(ref_tok, ref_tok.chat_template, testing.CONVERSATION)
+    tok = copy.deepcopy(base)
+    tok.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+    tok.chat_template = GEMMA3_CHAT_TEMPLATE
+    own = templates.resolve_template(tok, "")
+    assert own == GEMMA3_CHAT_TEMPLATE and not templates.has_generation_markers(own)
+    ids, mask = masking.encode(tok, own, testing.CONVERSATION)
+    assert ids[0] == tok.bos_token_id and not mask[0]
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    n_assistant = sum(1 for m in testing.CONVERSATION if m["role"] == "assistant")
+    assert sum(1 for i, t in enumerate(ids) if t == eot and mask[i]) == n_assistant
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(mask, ref_mask)

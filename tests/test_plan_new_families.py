@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # shapes dir -> exact parameter count of the published checkpoint (None: not pinned here)
 FAMILIES = {
     "phi3_5_mini": 3_821_079_552,  # Phi-3.5-mini-instruct (untied 32064 x 3072 embedding and head)
-    "gemma2_9b": None,
-    "gemma3_4b": None,
+    "gemma2_9b": 9_241_705_984,  # Gemma-2-9B (tied 256000 x 3584 embedding, 4 norms per layer)
+    "gemma3_4b": 3_880_263_168,  # Gemma-3-4B's language model (tied 262208 x 2560, q/k norms)
 }
 PRESENT = [n for n in FAMILIES if os.path.isfile(os.path.join(ROOT, "configs", "shapes", n, "config.json"))]
 

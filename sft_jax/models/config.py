@@ -323,7 +323,7 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rs,
             partial_rotary_factor=partial,
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(d.get("tie_word_embeddings", gemma)),  # Gemma's configs default to tied
             attention_bias=bias,
             attention_out_bias=out_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
