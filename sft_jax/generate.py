@@ -1,6 +1,6 @@
 """Generate (or chat) with a Hugging Face model directory or a trained work directory.
 
-    python -m sft_jax.generate --model=HF_DIR | --workdir=DIR [--step=N|latest|best]
+    python -m sft_jax.generate --model=HF_DIR [--adapter=PEFT_DIR] | --workdir=DIR [--step=N|latest|best]
         [--prompt="..." (repeatable: one batch) | --prompt_ids=1,2,3 (repeatable) | --interactive]
         [--system="..."] [--tools=TOOLS.json] [--max_new_tokens=N] [--temperature=0 --top_p=1 --top_k=0 --seed=0]
         [--json] [--tensor_parallel=N]
@@ -18,6 +18,9 @@ into the prompt as training did and adds the generated `tool_calls` (parsed in t
 template's format) to each result.  `--interactive`: a multi-turn chat on stdin that keeps the history
 (`/reset` clears it, `/exit` or EOF ends).  `--tensor_parallel=N` shards the weights over N devices
 (heads / MLP / vocab, `sharding.LOGICAL_RULES`) for a model that does not fit one.
+
+`--adapter` (with --model) applies a PEFT adapter directory unmerged (`sft_jax.peft.load_peft_adapter`:
+LoRA / DoRA, prompt tuning, P-tuning, prefix tuning; e.g. what `sft_jax.export --format=peft` wrote).
 
 Bad arguments print one line on stderr and exit with code 2.
 """
@@ -185,6 +188,7 @@ def load_workdir(workdir: str, step: int | str | None = None, *, param_dtype: st
 def _parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a Hugging Face model directory")
+    p.add_argument("--adapter", default=None, help="with --model: a PEFT adapter directory to apply (unmerged)")
     p.add_argument("--workdir", default=None, help="a training work directory")
     p.add_argument("--step", default=None, help="--workdir checkpoint: N, latest (default) or best")
     p.add_argument("--prompt", action="append", default=[], help="user message (repeat for a batch)")
@@ -206,6 +210,8 @@ def _parser() -> OneLineArgumentParser:
 def _check_args(args) -> list[list[int]]:
     if (args.model is None) == (args.workdir is None):
         raise UsageError("give exactly one of --model=HF_DIR or --workdir=DIR")
+    if args.adapter is not None and args.model is None:
+        raise UsageError("--adapter needs --model (the base the adapter was trained on)")
     if args.step is not None and args.workdir is None:
         raise UsageError("--step needs --workdir")
     if not (args.prompt or args.prompt_ids or args.interactive):
@@ -256,6 +262,15 @@ def _load(args) -> Generator:
     if args.model is not None:
         check_model_dir(args.model)
         gen = load_model_dir(args.model, param_dtype=args.dtype or "float32")
+        if args.adapter is not None:
+            from sft_jax.peft import PeftFormatError, load_peft_adapter
+
+            try:
+                trainable, gen.method = load_peft_adapter(args.adapter, gen.config)
+            except (OSError, ValueError, PeftFormatError) as e:
+                raise UsageError(f"--adapter={args.adapter}: {e}") from None
+            gen.params, gen.method_vars = gen.method.model_inputs(trainable, gen.params)
+            gen.name = f"{args.model}+{args.adapter}"
     else:
         from sft_jax.workdir import check_workdir
 

@@ -195,7 +195,7 @@ def test_peft_export_loads_in_peft(tmp_path, torch_env, params, trained, name):
     ours = sampling.generate(p, CFG, [prompt], max_new_tokens=8, method=method, method_vars=mv)[0]
     assert ours == want_ids, (ours, want_ids)
     # and our reader gives the same model back
-    tr2, m2 = type(method).load_peft(str(out), CFG)
+    tr2, m2 = peft_lib.load_peft_adapter(str(out), CFG)
     got2 = np.asarray(m2.forward(tr2, params, CFG, batch["inputs"], batch["positions"], batch["segment_ids"]))
     assert np.abs(got2 - got)[valid].max() <= 1e-5
 
@@ -281,3 +281,10 @@ def test_config_init_merge_refusal_and_text_init(params):
         PromptTuning(init_from="text")
     with pytest.raises(peft_lib.MethodConfigError, match="peft.prefix_tuning.num_virtual_tokens"):
         PrefixTuning(num_virtual_tokens=0)
+    # serving refuses virtual tokens with the reason (its slot cache does not hold them)
+    from sft_jax.serve.engine import Engine
+
+    pt = METHODS["prompt_tuning"]
+    p, mv = pt.model_inputs(pt.init_trainable(params, params, CFG, jax.random.PRNGKey(0)), params)
+    with pytest.raises(ValueError, match="prepends 5 virtual tokens.*use sft_jax.generate"):
+        Engine(p, CFG, method=pt, method_vars=mv, max_batch=1, max_len=32)

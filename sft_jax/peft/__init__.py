@@ -45,10 +45,30 @@ def from_config(peft_cfg) -> Method:
     return get(str(peft_cfg["method"])).from_config(peft_cfg)
 
 
+def load_peft_adapter(adapter_dir: str, params_or_config) -> tuple[dict, Method]:
+    """(trainable tree, method) of a PEFT adapter directory, by its adapter_config.json's peft_type
+    (LORA, with use_dora -> DoRA; PROMPT_TUNING and P_TUNING -> prompt tuning with the saved
+    embeddings; PREFIX_TUNING -> prefix tuning). The frozen tree is the base params."""
+    import json
+    import os
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise PeftFormatError(f"{path} not found (a peft adapter directory needs adapter_config.json)")
+    with open(path) as f:
+        ac = json.load(f)
+    kind = ac.get("peft_type")
+    readers = {"LORA": Dora if ac.get("use_dora") else Lora, "PROMPT_TUNING": PromptTuning,
+               "P_TUNING": PromptTuning, "PREFIX_TUNING": PrefixTuning}
+    if kind not in readers:
+        raise PeftFormatError(f"{path}: peft_type {kind!r} is not one of {sorted(readers)}")
+    return readers[kind].load_peft(adapter_dir, params_or_config)
+
+
 def from_run_config(d: dict) -> Method:
     """The method recorded in run.json (`Method.run_config()`)."""
     return from_config(d)
 
 
 __all__ = ["METHODS", "Method", "MethodConfigError", "NotMergeable", "PeftFormatError",
-           "count_params", "from_config", "from_run_config", "get"]
+           "count_params", "from_config", "from_run_config", "get", "load_peft_adapter"]

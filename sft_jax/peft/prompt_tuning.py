@@ -183,7 +183,7 @@ class PromptTuning(VirtualTokens):
     def from_config(cls, peft_cfg) -> "PromptTuning":
         s = peft_cfg["prompt_tuning"]
         return cls(num_virtual_tokens=int(s["num_virtual_tokens"]), init_from=str(s["init_from"]),
-                   init_text=str(s["init_text"]), init_ids=tuple(s["init_ids"]) if "init_ids" in s else ())
+                   init_text=str(s["init_text"]), init_ids=tuple(s.get("init_ids", None) or ()))
 
     def with_tokenizer(self, tokenizer) -> "PromptTuning":
         if self.init_from != "text" or self.init_ids:
