@@ -437,9 +437,9 @@ class MetricsWriter:
                     tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
                     self._tb.add_scalar(tag, v, step)
         if not prefix:
-            self.progress.update(step, row.get("loss"), row.get("tokens_per_s"))
             if row.get("compile_time_s"):  # the ETA counts from after a compile step, not through it
                 self.progress.restart_clock(step)
+            self.progress.update(step, row.get("loss"), row.get("tokens_per_s"))
         return row
 
     def write_eval(self, step: int, metrics: Mapping[str, Any], echo: bool = True) -> dict[str, Any]:
