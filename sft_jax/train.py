@@ -423,10 +423,19 @@ def _build_state(ctx: Context, model: ModelParts, data: DataParts):
     return steps, state, rep_array
 
 
+def _workdir_relative(flat: dict) -> dict:
+    """The tiny run's generated data/tokenizer paths lie inside the work directory: compared relative to it
+    (a copied or moved work directory resumes)."""
+    for k in ("data.path", "data.eval_path", "data.tokenizer"):
+        if isinstance(flat.get(k), str):
+            flat[k] = re.sub(r"[^,=]*/(tiny_data/|tiny_tokenizer\b)", r"WORKDIR/\1", flat[k])
+    return flat
+
+
 def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """Fields that differ between a checkpoint's config and this run's -> (meaning-changing, other), each
     as "field: old -> new"; fields one side does not have (an older checkpoint) are not compared."""
-    old, new = run_config.flatten(saved or {}), run_config.flatten(current)
+    old, new = (_workdir_relative(run_config.flatten(c or {})) for c in (saved, current))
     meaning, other = [], []
     for k in sorted(set(old) & set(new)):
         if old[k] != new[k] and not (isinstance(old[k], (int, float)) and isinstance(new[k], (int, float))

@@ -172,11 +172,14 @@ class Loop:
             while self.state.step < self.total_steps and self.stop is None:
                 compiled = self.train_step()
                 step = self.state.step
-                if compiled or self._sync_due() or any(h.due(step) for h in self.hooks):
+                synced = compiled or self._sync_due() or any(h.due(step) for h in self.hooks)
+                if synced:
                     self.sync()
                 for hook in self.hooks:  # `due` is asked in turn: a hook may stop the run for the next ones
                     if hook.due(step):
                         hook.fn(self)
+                if synced:  # the next window's step times start after the hooks (evaluation is not a step)
+                    self._window_t0 = time.perf_counter()
             self.wait()
         finally:
             self.flag.uninstall()

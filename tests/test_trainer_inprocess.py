@@ -65,6 +65,10 @@ def test_config_changes_split_meaning_from_the_rest():
     assert meaning == ["model.path: '/m' -> '/m2'", "train.batch_size: 8 -> 16"]
     assert other == ["data.num_workers: 0 -> 2", "eval.every_steps: 0 -> 5", "model.remat: 'none' -> 'full'",
                      "train.lr: 0.0001 -> 0.0002"]  # steps 10 == 10.0; keep_best: not in the old config
+    # the tiny run's generated files inside the work directory: a copied work directory resumes
+    moved = train.config_changes({"data": {"path": "/a/run/tiny_data/train.jsonl", "tokenizer": "/a/run/tiny_tokenizer"}},
+                                 {"data": {"path": "/b/copy/tiny_data/train.jsonl", "tokenizer": "/b/copy/tiny_tokenizer"}})
+    assert moved == ([], [])
 
 
 def test_early_stopping_tracker():
