@@ -85,6 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
     # "instruction:question,output:answer" (the instruction is read from column "question").
     c.data.columns = ""
     c.data.reasoning = "keep"  # keep | drop the assistant's reasoning_content / <think> block
+    # (reliability, issue 19) a row with nothing right to train on (no assistant turn, not ending on
+    # one, an empty assistant turn) is an error naming file:line instead of a counted skip
+    c.data.strict = False
     # read sources lazily (JSONL line offsets, Parquet row groups, memory-mapped Arrow) instead of
     # whole; rows are then validated when reached and shuffled by blocks (see shuffle_window)
     c.data.streaming = False

@@ -9,14 +9,17 @@ loadable by `transformers.AutoModelForCausalLM/AutoTokenizer.from_pretrained(DIR
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sft_jax.convert", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+PROG = "python -m sft_jax.convert"
+
+
+def _parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineArgumentParser)
     l2c = sub.add_parser("llama2c", help="llama2.c legacy .bin + sentencepiece .model -> Hugging Face directory")
     l2c.add_argument("--checkpoint", required=True, help="llama2.c legacy-format .bin")
     l2c.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
@@ -40,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             config = convert_llama2c(args.checkpoint, args.tokenizer, args.out, dtype=args.dtype)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        except ValueError as e:  # a malformed checkpoint or tokenizer: bad input
+            raise UsageError(str(e)) from None
         print(
             f"wrote {args.out}: llama, {config.num_layers} layers, hidden {config.hidden_size}, "
             f"heads {config.num_heads}/{config.num_kv_heads}, vocab {config.vocab_size}, "
@@ -52,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, sys.argv[1:], PROG))

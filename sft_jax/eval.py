@@ -37,7 +37,7 @@ from sft_jax import peft
 from sft_jax.config import default_config
 from sft_jax.data import pipeline, templates
 from sft_jax.data.formats import DataError
-from sft_jax.export import OneLineArgumentParser, UsageError, run_cli
+from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
 from sft_jax.generate import Generator, check_model_dir, load_model_dir
 from sft_jax.train_step import build_eval_step
 from sft_jax.workdir import check_workdir, load_run, parse_step
@@ -157,6 +157,8 @@ def prompts_and_references(cfg_data, num_examples: int) -> tuple[list[list[dict]
             if num_examples and len(prompts) >= num_examples:
                 return prompts, refs, tools
             rec = group[i]
+            if rec.get("skip"):  # nothing right to train on / compare with (formats.SKIP_REASONS)
+                continue
             msgs = rec["messages"]
             last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
             prompts.append(msgs[:last])
@@ -166,8 +168,9 @@ def prompts_and_references(cfg_data, num_examples: int) -> tuple[list[list[dict]
 
 
 def evaluate(model: EvalModel, cfg_data, *, num_examples: int = 0, max_new_tokens: int = 128,
-             temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> dict:
-    """Loss and generation metrics of `model` on `cfg_data.eval_path` (see the module doc)."""
+             temperature: float = 0.0, seed: int = 0, batch_size: int = 16, truncate_prompt: bool = False) -> dict:
+    """Loss and generation metrics of `model` on `cfg_data.eval_path` (see the module doc).
+    A prompt longer than the model's context is an error unless `truncate_prompt` (cut from the left)."""
     gen = model.gen
     if cfg_data.template:  # render prompts exactly as the data were rendered for the loss
         gen = dataclasses.replace(gen, template=templates.get_template(cfg_data.template))
@@ -176,7 +179,8 @@ def evaluate(model: EvalModel, cfg_data, *, num_examples: int = 0, max_new_token
     texts, ids, finish = [], [], []
     for i in range(0, len(prompts), batch_size):
         enc = [gen.encode_messages(m, t) for m, t in zip(prompts[i:i + batch_size], tools[i:i + batch_size])]
-        for o, why in gen.generate_ids(enc, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i):
+        for o, why in gen.generate_ids(enc, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
+                                       truncate_prompt=truncate_prompt):
             texts.append(gen.decode(o))
             ids.append(o)
             finish.append(why)
@@ -214,6 +218,8 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--truncate_prompt", action="store_true",
+                   help="cut a prompt longer than the model's context from the left (with a warning; default: error)")
     return p
 
 
@@ -266,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results.append(evaluate(m, data_config(args.data, train_data), num_examples=args.num_examples,
                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    seed=args.seed, batch_size=args.batch_size))
+                                    seed=args.seed, batch_size=args.batch_size,
+                                    truncate_prompt=args.truncate_prompt))
         except DataError as e:
             raise UsageError(f"--data: {e}") from None
     names = [m.gen.name for m in models]

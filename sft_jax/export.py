@@ -25,50 +25,17 @@ Bad arguments (missing workdir, unknown step or format, ...) print one line on s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import tempfile
 
-from sft_jax.staged_dir import TargetExistsError, check_target, staged_dir
+from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
+from sft_jax.staged_dir import TargetExistsError, check_target, staged_dir  # noqa: F401
 
 FORMATS = ("merged", "peft", "gguf")
 DTYPES = ("float32", "bfloat16")
-
-
-class UsageError(Exception):
-    """A bad command-line argument: reported as one line on stderr, exit code 2."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`prog: error: ...`) on stderr and exit code 2."""
-
-    def error(self, message):  # noqa: D401 - argparse API
-        raise UsageError(message)
-
-
-def run_cli(main_fn, argv, prog: str) -> int:
-    """Run `main_fn(argv)`; UsageError and the project's known errors -> one line + exit 2."""
-    from sft_jax.workdir import WorkdirError
-
-    known: tuple = (UsageError, WorkdirError, TargetExistsError, FileNotFoundError, NotADirectoryError)
-    try:
-        return int(main_fn(argv) or 0)
-    except Exception as e:  # noqa: BLE001 - only the known kinds are reported as one line
-        mc = sys.modules.get("sft_jax.models.config")  # not imported here: they pull in jax
-        hf = sys.modules.get("sft_jax.models.hf_io")
-        gg = sys.modules.get("sft_jax.gguf_export")
-        pb = sys.modules.get("sft_jax.peft.base")
-        kinds = known + ((mc.UnsupportedModelError,) if mc else ()) + ((hf.CheckpointMismatchError,) if hf else ())
-        kinds += (gg.GGUFExportError,) if gg else ()
-        kinds += (pb.PeftFormatError, pb.NotMergeable, pb.MethodConfigError) if pb else ()
-        if not isinstance(e, kinds):
-            raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
 
 
 def _parser() -> OneLineArgumentParser:

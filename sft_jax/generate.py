@@ -33,7 +33,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from sft_jax.export import OneLineArgumentParser, UsageError, run_cli
+from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
 
 PROG = "python -m sft_jax.generate"
 
@@ -89,22 +89,81 @@ class Generator:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ------------------------------------------------------------------ generate
+    @property
+    def context(self) -> int:
+        """The model's context in tokens (``max_position_embeddings``): prompt + generation."""
+        return int(self.config.max_position_embeddings)
+
     def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], str]]:
-        """Batched KV-cache generation -> [(new ids without the stop token, finish_reason)]."""
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                     truncate_prompt: bool = False) -> list[tuple[list[int], str]]:
+        """Batched KV-cache generation -> [(new ids without the stop token, finish_reason)].
+
+        The model's context (:attr:`context`) bounds prompt + generation (see :func:`fit_context`): a
+        prompt that does not fit is a :class:`ContextLengthError`, or with ``truncate_prompt`` is cut
+        from the left (with a warning); a generation that would run past the context stops there
+        (finish_reason "length")."""
         from sft_jax.sampling import generate
 
-        outs = generate(self.params, self.config, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+        prompts, limits = fit_context(prompts, context=self.context, max_new_tokens=max_new_tokens,
+                                      truncate_prompt=truncate_prompt, bos_id=self.config.bos_token_id)
+        outs = generate(self.params, self.config, prompts, max_new_tokens=max(limits),
                         eos_ids=self.eos_ids, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         method=self.method, method_vars=self.method_vars, keep_eos=True, mesh=self.mesh)
         eos = set(self.eos_ids)
         res = []
-        for o in outs:
+        for o, limit in zip(outs, limits):
+            o = o[:limit]  # the longer prompts of a batch stop at the context
             if o and o[-1] in eos:
                 res.append((o[:-1], "stop"))
             else:
                 res.append((o, "length"))
         return res
+
+
+class ContextLengthError(ValueError):
+    """A prompt that does not fit the model's context (bad input: one line, exit 2)."""
+
+
+def fit_context(prompts: Sequence[Sequence[int]], *, context: int, max_new_tokens: int, truncate_prompt: bool = False,
+                bos_id: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """Prompts that fit a model of ``context`` positions, and each row's limit of new tokens.
+
+    - A prompt of ``context`` tokens or more leaves no room for one new token: ContextLengthError
+      naming its length and the context, unless ``truncate_prompt``.
+    - ``truncate_prompt``: a prompt longer than ``context - max_new_tokens`` keeps its last tokens
+      (and its first token when it is BOS) so that the whole ``max_new_tokens`` fits; a warning names
+      what was cut.  ``max_new_tokens >= context`` cannot fit at all: ContextLengthError.
+    - Otherwise a row whose prompt + ``max_new_tokens`` passes the context gets the room that is left
+      (a warning says so): tokens past ``max_position_embeddings`` would be garbage."""
+    import logging
+
+    log = logging.getLogger("sft_jax.generate")
+    out, limits = [], []
+    if truncate_prompt and max_new_tokens >= context:
+        raise ContextLengthError(f"--max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                                 f"context of {context} tokens (max_position_embeddings)")
+    for k, p in enumerate(prompts):
+        p = list(p)
+        n = len(p)
+        if truncate_prompt and n + max_new_tokens > context:
+            keep = context - max_new_tokens
+            head = p[:1] if bos_id is not None and p and p[0] == bos_id and keep > 1 else []
+            p = head + p[n - (keep - len(head)):]
+            log.warning("prompt %d: %d tokens cut from the left to %d (the model's context is %d tokens, %d of them "
+                        "kept for max_new_tokens)%s", k, n, len(p), context, max_new_tokens,
+                        "; BOS kept" if head else "")
+        elif n >= context:
+            raise ContextLengthError(
+                f"prompt {k} has {n} tokens but the model's context is {context} tokens (max_position_embeddings), "
+                f"so nothing can be generated after it; shorten the prompt or let it be cut from the left "
+                f"(--truncate_prompt)")
+        elif n + max_new_tokens > context:
+            log.warning("prompt %d: %d tokens + max_new_tokens %d pass the model's context of %d tokens; it stops "
+                        "after %d new tokens", k, n, max_new_tokens, context, context - n)
+        out.append(p)
+        limits.append(min(max_new_tokens, context - len(p)))
+    return out, limits
 
 
 # ---------------------------------------------------------------------------- loading
@@ -143,7 +202,9 @@ def check_model_dir(path: str):
     except (OSError, ValueError) as e:
         raise UsageError(f"--model: cannot read {cfg}: {type(e).__name__}: {e}") from None
     if not any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
-        raise UsageError(f"--model: no model.safetensors or model.safetensors.index.json in {path}")
+        bins = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        hint = f" (found pickle files {bins}: convert them to safetensors first; pickle is not loaded)" if bins else ""
+        raise UsageError(f"--model: no model.safetensors or model.safetensors.index.json in {path}{hint}")
     from sft_jax.models.config import ModelConfig  # (imports jax via the package)
 
     try:
@@ -204,6 +265,9 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--dtype", default=None, help="param dtype to load: float32 | bfloat16")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tensor_parallel", type=int, default=1, help="devices to shard the weights over")
+    p.add_argument("--truncate_prompt", action="store_true",
+                   help="cut a prompt that does not fit the model's context from the left (with a warning; "
+                        "default: an error)")
     return p
 
 
@@ -303,8 +367,14 @@ def _interactive(gen: Generator, args, stdin=None, stdout=None) -> None:
             continue
         history.append({"role": "user", "content": line})
         ids = gen.encode_messages(history)
-        (out, _), = gen.generate_ids([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed + n)
+        try:
+            (out, _), = gen.generate_ids([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed + n,
+                                         truncate_prompt=getattr(args, "truncate_prompt", False))
+        except ContextLengthError as e:  # the history outgrew the context: say so, keep the session
+            history.pop()
+            print(f"(error: {e}; /reset clears the history)", file=stdout, flush=True)
+            continue
         reply = gen.decode(out)
         history.append({"role": "assistant", "content": reply})
         print(reply, file=stdout, flush=True)
@@ -327,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise UsageError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {vocab})")
     outs = gen.generate_ids([ids for _, ids in prompts], max_new_tokens=args.max_new_tokens,
+                            truncate_prompt=args.truncate_prompt,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     results = [
         {"prompt": p, "prompt_ids": ids, "ids": out, "text": gen.decode(out), "finish_reason": why}

@@ -355,8 +355,10 @@ def format_plan(p: dict) -> str:
 
 # ---------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from sft_jax.cli import UsageError, run_absl
 
     config_flags.DEFINE_config_file("config", None, "configs/NAME.py; override with --config.a.b=v", lock_config=True)
     flags.DEFINE_string("target", None, "NAME-DEVICES, NAME in " + ", ".join(sorted(TARGETS)))
@@ -369,35 +371,23 @@ def main(argv=None) -> int:
         logging.getLogger("absl").setLevel(logging.WARNING)
         FLAGS = flags.FLAGS
         if FLAGS.config is None or not FLAGS.target:
-            print("usage: python -m sft_jax.plan --config=configs/NAME.py --target=tpu-v5e-8 [--json]", file=sys.stderr)
-            return 2
-        try:
-            _, n = parse_target(FLAGS.target)
-            import jax
+            raise UsageError("usage: python -m sft_jax.plan --config=configs/NAME.py --target=tpu-v5e-8 [--json]")
+        _, n = parse_target(FLAGS.target)
+        import jax
 
-            if jax.device_count() != n and not os.environ.get("SFT_JAX_PLAN_CHILD"):
-                # JAX was imported before the device count could be set: run again in a fresh process
-                import subprocess
+        if jax.device_count() != n and not os.environ.get("SFT_JAX_PLAN_CHILD"):
+            # JAX was imported before the device count could be set: run again in a fresh process
+            import subprocess
 
-                _set_device_count(n)
-                env = dict(os.environ, SFT_JAX_PLAN_CHILD="1")
-                return subprocess.call([sys.executable, "-m", "sft_jax.plan", *sys.argv[1:]], env=env)
-            plan = build_plan(FLAGS.config, FLAGS.target, model_config=FLAGS.model_config,
-                              config_file=flags.FLAGS["config"].config_filename)
-        except PlanError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except ValueError as e:  # ConfigError, ShardingError, UnsupportedModelError
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            _set_device_count(n)
+            env = dict(os.environ, SFT_JAX_PLAN_CHILD="1")
+            return subprocess.call([sys.executable, "-m", "sft_jax.plan", *sys.argv[1:]], env=env)
+        plan = build_plan(FLAGS.config, FLAGS.target, model_config=FLAGS.model_config,
+                          config_file=flags.FLAGS["config"].config_filename)
         print(json.dumps(plan, indent=1, default=float) if FLAGS.json else format_plan(plan))
         return 0 if plan["fits"] else 3
 
-    try:
-        app.run(lambda a: sys.exit(_main(a)), argv=argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return run_absl(_main, argv, "python -m sft_jax.plan")  # the shared error-to-exit path (sft_jax/cli.py)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import pathlib
 import sys
 
-from sft_jax.export import OneLineArgumentParser, UsageError, run_cli
+from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
 from sft_jax.html_report import IMAGES_SCRIPT, STYLE, escape, img, plt, save_figure, table
 
 PROG = "python -m sft_jax.report"

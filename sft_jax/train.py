@@ -695,15 +695,6 @@ def _fit(ctx: Context, model: ModelParts, data: DataParts, es, steps, state: Tra
 
 
 # ------------------------------------------------------------------ CLI
-def _known_errors() -> tuple:
-    from sft_jax.data.formats import DataError
-    from sft_jax.models.config import UnsupportedModelError
-    from sft_jax.models.hf_io import CheckpointMismatchError
-    from sft_jax.sharding import ShardingError
-
-    return DataError, ShardingError, UnsupportedModelError, CheckpointMismatchError
-
-
 def _quiet_logs() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "grain", "jax"):
@@ -717,8 +708,10 @@ def _quiet_logs() -> None:
 
 
 def main(argv=None) -> int:
-    from absl import app, flags  # the CLI's flag parser: only the entry point needs it
+    from absl import flags  # the CLI's flag parser: only the entry point needs it
     from ml_collections import config_flags
+
+    from sft_jax.cli import UsageError, run_absl
 
     config_flags.DEFINE_config_file("config", None, "configs/NAME.py (ml_collections); override with --config.a.b=v",
                                     lock_config=True)
@@ -731,23 +724,14 @@ def main(argv=None) -> int:
         FLAGS = flags.FLAGS
         _quiet_logs()
         if FLAGS.config is None:
-            print("error: --config=configs/NAME.py is required (e.g. configs/tiny.py)", file=sys.stderr)
-            return 2
+            raise UsageError("--config=configs/NAME.py is required (e.g. configs/tiny.py)")
         workdir = FLAGS.workdir or os.path.join("runs", pathlib.Path(flags.FLAGS["config"].config_filename).stem)
-        try:
-            distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-            summary = run(FLAGS.config, workdir)
-        except (ConfigError, TrainError, WorkdirLocked, *_known_errors()) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1 if isinstance(e, (TrainError, WorkdirLocked)) else 2
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        summary = run(FLAGS.config, workdir)
         print(f"done: {summary['step']} steps in {summary['train_time_s']:.1f}s; workdir {os.path.abspath(workdir)}")
         return 0
 
-    try:
-        app.run(lambda a: sys.exit(_main(a)), argv=argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return run_absl(_main, argv, "python -m sft_jax.train")  # the shared error-to-exit path (sft_jax/cli.py)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,11 @@ def test_empty_file_and_missing_path(tmp_path):
 
 def test_no_assistant_and_misplaced_system(tmp_path):
     p = _write(tmp_path / "n.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    _err(p, [f"{p}:1", "no assistant message"])
+    # issue 19: a counted skip (with its reason), an error naming file:line under data.strict=True
+    assert formats.load_conversations(str(p)) == []
+    assert [r["skip"] for r in formats.load_conversations(str(p), keep_skipped=True)] == ["no_assistant"]
+    with pytest.raises(DataError, match=f"{p}:1: the conversation has no assistant message"):
+        formats.load_conversations(str(p), strict=True)
     p = _write(tmp_path / "s.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "s"},
                                                    {"role": "assistant", "content": "a"}]}])
     _err(p, [f"{p}:1", "system message may only come first"])

@@ -96,11 +96,14 @@ def test_autotokenizer_roundtrips_like_sentencepiece(converted, sp, assets):
 
 
 def test_cli_errors_are_one_line(assets, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        convert_main(["llama2c", "--checkpoint=/no/such.bin", f"--tokenizer={assets[1]}", f"--out={tmp_path}"])
-    assert e.value.code == 2
-    assert "--checkpoint: file not found: /no/such.bin" in capsys.readouterr().err
+    from sft_jax.convert import PROG, run_cli
+
+    args = ["llama2c", "--checkpoint=/no/such.bin", f"--tokenizer={assets[1]}", f"--out={tmp_path}"]
+    assert run_cli(convert_main, args, PROG) == 2
+    assert capsys.readouterr().err == "error: --checkpoint: file not found: /no/such.bin\n"
     bad = tmp_path / "bad.bin"
     bad.write_bytes(np.array([64, 172, 5, 8, 4, 512, 512], np.int32).tobytes() + b"\0" * 64)
-    assert convert_main(["llama2c", f"--checkpoint={bad}", f"--tokenizer={assets[1]}", f"--out={tmp_path / 'o'}"]) == 1
-    assert "implies" in capsys.readouterr().err
+    args = ["llama2c", f"--checkpoint={bad}", f"--tokenizer={assets[1]}", f"--out={tmp_path / 'o'}"]
+    assert run_cli(convert_main, args, PROG) == 2  # a malformed checkpoint is bad input
+    err = capsys.readouterr().err
+    assert "implies" in err and err.startswith("error: ") and err.count("\n") == 1

@@ -8,9 +8,11 @@ A conversation is a list of messages ``{"role": "system"|"user"|"assistant"|"too
 ``[{"type": "function", "function": {...}}]``) when the row or its file has any.
 
 Every row becomes exactly one record or raises :class:`DataError` naming the file, the
-line (the 1-based row for Parquet / Arrow) and the field.  Nothing is dropped silently
-here; the only skips in the data path (no trainable token, over-long with
-``truncation=drop``) happen after tokenization and are counted (``pipeline.DataStats``).
+line (the 1-based row for Parquet / Arrow) and the field.  Nothing is dropped silently: a
+row that parses but has nothing right to train on (no assistant turn, not ending on one, an
+empty assistant turn: :data:`SKIP_REASONS`) becomes a record marked ``"skip"``, counted with
+its reason by the pipeline (``pipeline.DataStats``) like the skips after tokenization (no
+trainable token, over-long with ``truncation=drop``); ``data.strict=True`` makes it an error.
 
 Supported row formats (detected per file from its first row, or forced by ``data.format``):
 
@@ -37,13 +39,17 @@ becomes the message's ``reasoning_content``; ``reasoning="drop"`` removes it.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 from typing import Any
 
 import numpy as np
 
 from sft_jax.data import sources
 from sft_jax.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
@@ -87,44 +93,96 @@ def _decode(path: str) -> str:
         raise DataError(f"{path}:{line}: invalid UTF-8 (byte {raw[e.start]:#04x} at column {col})") from None
 
 
-def _read_json_text(path: str) -> list[tuple[dict, int]]:
-    text = _decode(path)
-    if not text.strip():
-        raise DataError(f"{path}: empty file (no rows)")
-    stripped = text.lstrip()
+_JSON_WS = " \t\r\n"  # JSON's whitespace (str.strip() would also take \x1c, U+2028, ...)
+
+
+def _line_col(text: str, i: int) -> tuple[int, int]:
+    line = text.count("\n", 0, i) + 1
+    return line, i - (text.rfind("\n", 0, i) + 1) + 1
+
+
+def _read_array(path: str, text: str) -> list[tuple[Any, int]]:
+    """The rows of a JSON array, parsed strictly (a trailing or doubled comma is an error naming its line)."""
+    dec = json.JSONDecoder()
     rows: list[tuple[Any, int]] = []
-    is_json = sources.suffix_of(path) in sources.JSON_SUFFIXES
-    if stripped.startswith("["):
-        dec = json.JSONDecoder()
-        i = text.index("[") + 1
-        n = len(text)
-        while True:
-            while i < n and text[i] in " \t\r\n,":
-                i += 1
-            if i >= n:
-                raise DataError(f"{_where(path, text.count(chr(10)) + 1)}: malformed JSON: unterminated array")
-            if text[i] == "]":
-                break
-            line = text.count("\n", 0, i) + 1
-            try:
-                obj, i = dec.raw_decode(text, i)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            rows.append((obj, line))
-    elif is_json and stripped.startswith("{") and "\n{" not in stripped.strip():
+    n = len(text)
+    i = text.index("[") + 1
+    comma = -1  # position of the comma after the last row (-1: none pending)
+
+    def err(j: int, what: str) -> DataError:
+        line, col = _line_col(text, j)
+        return DataError(f"{path}:{line}: malformed JSON: {what} (column {col})")
+
+    while True:
+        while i < n and text[i] in _JSON_WS:
+            i += 1
+        if i >= n:
+            raise DataError(f"{_where(path, text.count(chr(10)) + 1)}: malformed JSON: unterminated array")
+        c = text[i]
+        if c == "]":
+            if comma >= 0:
+                raise err(comma, "trailing comma before ']'")
+            i += 1
+            break
+        if c == ",":
+            if comma >= 0 or not rows:
+                raise err(i, "unexpected ',' (a missing row?)")
+            comma = i
+            i += 1
+            continue
+        if rows and comma < 0:
+            raise err(i, "expected ',' or ']' after a row")
+        line = text.count("\n", 0, i) + 1
         try:
-            obj = json.loads(text)
+            obj, i = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        rows.append((obj, 1))
-    else:  # JSONL
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((json.loads(line), lineno))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # an over-long integer, nesting too deep
+            raise DataError(f"{path}:{line}: malformed JSON: {type(e).__name__}: {e}") from None
+        rows.append((obj, line))
+        comma = -1
+    while i < n and text[i] in _JSON_WS:
+        i += 1
+    if i < n:
+        raise err(i, "extra data after the closing ']'")
+    return rows
+
+
+def _read_lines(path: str, text: str) -> list[tuple[Any, int]]:
+    """JSON Lines: one value per ``\n``-separated line; lines of JSON whitespace are not rows."""
+    rows: list[tuple[Any, int]] = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip(_JSON_WS):
+            continue
+        try:
+            rows.append((json.loads(line), lineno))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON line: {type(e).__name__}: {e}") from None
+    return rows
+
+
+def _read_json_text(path: str) -> list[tuple[dict, int]]:
+    """The rows of a JSON (an array, one object) or JSON Lines file, with their line numbers."""
+    text = _decode(path)
+    stripped = text.lstrip(_JSON_WS)
+    if not stripped:
+        raise DataError(f"{path}: empty file (no rows)")
+    is_json = sources.suffix_of(path) in sources.JSON_SUFFIXES
+    if stripped.startswith("["):
+        rows = _read_array(path, text)
+    elif is_json and stripped.startswith("{"):
+        try:  # one object (pretty-printed or not); else JSON Lines in a .json file
+            rows = [(json.loads(text), 1)]
+        except json.JSONDecodeError as e:
+            if not e.msg.startswith("Extra data"):
+                raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            rows = _read_lines(path, text)
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}:1: malformed JSON: {type(e).__name__}: {e}") from None
+    else:
+        rows = _read_lines(path, text)
     if not rows:
         raise DataError(f"{path}: empty file (no rows)")
     for obj, line in rows:
@@ -369,8 +427,9 @@ def row_to_conversation(row: dict, fmt: str, where: str, system_prompt: str = ""
 
 
 def validate_conversation(msgs: list[dict], where: str) -> None:
-    """Roles in order: system first only, an assistant to train on, and every tool result
-    answering a tool call of the assistant turn before it (by ``tool_call_id`` when given)."""
+    """Roles in order: system first only, and every tool result answering a tool call of the
+    assistant turn before it (by ``tool_call_id`` when given).  (A conversation with nothing to
+    train on is not an error here but a counted skip: :func:`conversation_skip`.)"""
     if not msgs:
         raise DataError(f"{where}: empty conversation")
     pending: list[dict] = []  # calls of the last assistant turn not answered yet
@@ -394,14 +453,36 @@ def validate_conversation(msgs: list[dict], where: str) -> None:
                 pending.pop(0)
         else:
             pending = []
+
+
+# Rows that parse but hold nothing right to train on: skipped and counted (pipeline.DataStats, the
+# trainer's data accounting), or a DataError under data.strict=True.
+SKIP_REASONS = {
+    "no_assistant": "the conversation has no assistant message (nothing to train on)",
+    "no_final_assistant": "the conversation does not end on an assistant turn (its last turn would go untrained "
+                          "and the prompt would teach nothing)",
+    "empty_assistant": "an assistant turn is empty (it would train the model to answer with nothing)",
+}
+
+
+def conversation_skip(msgs: list[dict]) -> str:
+    """The :data:`SKIP_REASONS` key of a conversation that should not be trained on ("" = train on it)."""
     if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{where}: conversation has no assistant message (nothing to train on)")
+        return "no_assistant"
+    if msgs[-1]["role"] != "assistant":
+        return "no_final_assistant"
+    for m in msgs:
+        if (m["role"] == "assistant" and not m.get("content", "").strip() and not m.get("tool_calls")
+                and not (m.get("reasoning_content") or "").strip()):
+            return "empty_assistant"
+    return ""
 
 
 def row_to_record(row: dict, fmt: str, where: str, *, system_prompt: str = "", columns: dict | None = None,
-                  file_tools: list | None = None, reasoning: str = "keep") -> dict:
-    """One raw row -> a record ``{"messages", "source"[, "tools"]}`` (columns mapped, tools
-    parsed, reasoning kept or dropped)."""
+                  file_tools: list | None = None, reasoning: str = "keep", strict: bool = False) -> dict:
+    """One raw row -> a record ``{"messages", "source"[, "tools"][, "skip"]}`` (columns mapped, tools
+    parsed, reasoning kept or dropped).  ``skip`` (a :data:`SKIP_REASONS` key) marks a row with
+    nothing right to train on; ``strict`` makes it a DataError instead."""
     if reasoning not in REASONING:
         raise DataError(f"data.reasoning={reasoning!r} is not one of {list(REASONING)}")
     row = map_columns(row, columns or {}, where)
@@ -410,6 +491,11 @@ def row_to_record(row: dict, fmt: str, where: str, *, system_prompt: str = "", c
         for m in msgs:
             m.pop("reasoning_content", None)
     rec: dict = {"messages": msgs, "source": where}
+    skip = conversation_skip(msgs)
+    if skip and strict:
+        raise DataError(f"{where}: {SKIP_REASONS[skip]} (data.strict=True; without it the row is skipped and counted)")
+    if skip:
+        rec["skip"] = skip
     tools = parse_tools(row["tools"], where) if row.get("tools") not in (None, "", []) else file_tools
     if tools:
         rec["tools"] = tools
@@ -426,10 +512,11 @@ class RecordReader:
     ``data.columns`` and the per-file ``tools`` header resolved once."""
 
     def __init__(self, path: str, fmt: str = "auto", system_prompt: str = "", *, columns: str = "",
-                 reasoning: str = "keep", cache_blocks: int = 4):
+                 reasoning: str = "keep", cache_blocks: int = 4, strict: bool = False):
+        self.path = path
         self.source = sources.open_source(path, _read_json_text, cache_blocks=cache_blocks)
         self.columns = parse_columns(columns)
-        self.system_prompt, self.reasoning = system_prompt, reasoning
+        self.system_prompt, self.reasoning, self.strict = system_prompt, reasoning, strict
         first, where = self.source.row(0)
         self.file_tools = parse_tools(first["tools"], where) if is_tools_header(first) else None
         self.start = 1 if self.file_tools is not None else 0
@@ -449,26 +536,36 @@ class RecordReader:
         if is_tools_header(row):
             raise DataError(f"{where}: a tools-only header row may only be the first row of a file")
         return row_to_record(row, self.fmt, where, system_prompt=self.system_prompt, columns=self.columns,
-                             file_tools=self.file_tools, reasoning=self.reasoning)
+                             file_tools=self.file_tools, reasoning=self.reasoning, strict=self.strict)
 
 
 def load_conversations(path_spec: str, fmt: str = "auto", system_prompt: str = "", *, columns: str = "",
-                       reasoning: str = "keep") -> list[dict]:
-    """Read every source of ``path_spec`` whole; returns records ``{"messages": [...], "source": "file:line"}``."""
+                       reasoning: str = "keep", strict: bool = False, keep_skipped: bool = False) -> list[dict]:
+    """Read every source of ``path_spec`` whole; returns records ``{"messages": [...], "source": "file:line"}``.
+
+    Rows with nothing to train on (:data:`SKIP_REASONS`) are left out with one warning counting them
+    (``keep_skipped``: kept, marked ``"skip"``, as the training pipeline counts them; ``strict``: a DataError)."""
     out = []
     for path in expand_paths(path_spec):
-        out.extend(load_file(path, fmt, system_prompt, columns=columns, reasoning=reasoning))
-    return out
+        out.extend(load_file(path, fmt, system_prompt, columns=columns, reasoning=reasoning, strict=strict))
+    if keep_skipped:
+        return out
+    skipped = collections.Counter(r["skip"] for r in out if r.get("skip"))
+    if skipped:
+        log.warning("%s: skipped %d row(s) with nothing to train on: %s", path_spec, sum(skipped.values()),
+                    ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+    return [r for r in out if not r.get("skip")]
 
 
 def load_file(path: str, fmt: str = "auto", system_prompt: str = "", *, columns: str = "",
-              reasoning: str = "keep") -> list[dict]:
-    reader = RecordReader(path, fmt, system_prompt, columns=columns, reasoning=reasoning)
+              reasoning: str = "keep", strict: bool = False) -> list[dict]:
+    """Every record of one source (skipped rows included, marked ``"skip"``)."""
+    reader = RecordReader(path, fmt, system_prompt, columns=columns, reasoning=reasoning, strict=strict)
     return [reader[i] for i in range(len(reader))]
 
 
 __all__ = [
     "DataError", "FORMATS", "REASONING", "expand_paths", "read_rows", "detect_format", "row_to_conversation",
     "row_to_record", "validate_conversation", "load_conversations", "load_file", "parse_columns", "parse_tools",
-    "split_think", "RecordReader",
+    "split_think", "RecordReader", "SKIP_REASONS", "conversation_skip",
 ]

@@ -6,7 +6,10 @@
 Trainable tokens are shown in green on a terminal and in ``[[double brackets]]``
 otherwise.  ``--json`` prints one JSON object (rows, examples, skipped, truncated,
 tokens, trainable_tokens, trainable_fraction, length_percentiles, packing_efficiency,
-added_tokens, template) and nothing else on stdout.
+added_tokens, template, files (per file: rows, examples, skipped by reason, truncated) and
+accounting (the trainer's data block: both splits, per file, ignored directory entries)) and
+nothing else on stdout.  Errors (bad data, config, paths) are one ``error:`` line, exit 2
+(``sft_jax.cli``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def inspect_data(cfg, *, num_examples: int = 3, split: str = "train") -> tuple[d
     tokenizer, added = pipeline.tokenizer_from_config(cfg)
     examples, stats = pipeline.examples_for_split(cfg.data, tokenizer, split, seed=cfg.train.seed)
     out = stats.summary()
+    out["files"] = stats.files_summary()
     out["packing"] = bool(cfg.data.packing)
     out["max_length"] = cfg.data.max_length
     out["packing_efficiency"] = pipeline.packing_efficiency(
@@ -38,6 +42,9 @@ def inspect_data(cfg, *, num_examples: int = 3, split: str = "train") -> tuple[d
     out["template"] = cfg.data.template or "(tokenizer's own)"
     out["added_tokens"] = list(added)
     out["vocab_size"] = len(tokenizer)
+    # the trainer's accounting block (both splits, per file, ignored directory entries)
+    out["accounting"] = pipeline.account_data(cfg.data, tokenizer, seed=cfg.train.seed, limit=0,
+                                              train_stats=stats if split == "train" else None)
     return out, [(ex, tokenizer) for ex in examples[:num_examples]]
 
 
@@ -79,7 +86,12 @@ def main(argv):
     print(f"packing efficiency: {stats['packing_efficiency']:.4f} ({mode}, max_length={stats['max_length']})")
     print(f"template:           {stats['template']}; vocab {stats['vocab_size']}"
           + (f"; ADDED tokens {stats['added_tokens']} (resize the model vocab)" if stats["added_tokens"] else ""))
+    from sft_jax.data.pipeline import format_accounting
+
+    print("===== " + format_accounting(stats["accounting"]))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from sft_jax.cli import run_absl
+
+    sys.exit(run_absl(main, None, "python -m sft_jax.data.inspect"))  # the shared error-to-exit path

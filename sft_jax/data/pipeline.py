@@ -29,7 +29,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from sft_jax.data import formats, masking, templates
+from sft_jax.data import formats, masking, sources, templates
 from sft_jax.data.formats import DataError
 
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -51,14 +51,28 @@ class DataStats:
     trainable_tokens: int = 0  # loss_mask ones of kept examples
     lengths: array.array = dataclasses.field(default_factory=lambda: array.array("I"))  # per kept example, after shift (4 bytes each)
     first_skipped: dict = dataclasses.field(default_factory=dict)  # reason -> (source, rendered text)
+    # per source file: {"rows", "examples", "skipped": {reason: n}, "truncated"}
+    files: dict = dataclasses.field(default_factory=dict)
+
+    def _file(self, source: str) -> dict:
+        name = source.rsplit(":", 1)[0] if source.rsplit(":", 1)[-1].isdigit() else source
+        f = self.files.get(name)
+        if f is None:
+            f = self.files[name] = {"rows": 0, "examples": 0, "skipped": collections.Counter(), "truncated": 0}
+        return f
 
     def add(self, ex: dict) -> None:
         self.rows += 1
+        f = self._file(ex["source"])
+        f["rows"] += 1
         if ex["skip"]:
             self.skipped[ex["skip"]] += 1
+            f["skipped"][ex["skip"]] += 1
             self.first_skipped.setdefault(ex["skip"], (ex["source"], ex.get("text", "")))
             return
         self.examples += 1
+        f["examples"] += 1
+        f["truncated"] += int(ex["truncated"])
         self.truncated += int(ex["truncated"])
         n = len(ex["inputs"])
         self.tokens += n
@@ -76,11 +90,7 @@ class DataStats:
         if frac > max_skip_fraction:
             reason, count = max(self.skipped.items(), key=lambda kv: kv[1])
             source, text = self.first_skipped[reason]
-            why = {
-                "no_trainable_tokens": "no token of the example is trainable (no assistant content left "
-                "after the template and truncation, or the template has no assistant turn)",
-                "too_long": "the example is longer than data.max_length and data.truncation='drop'",
-            }.get(reason, reason)
+            why = SKIP_REASONS.get(reason, reason)
             raise DataError(
                 f"{self.num_skipped} of {self.rows} examples ({frac:.0%}) were skipped, more than "
                 f"data.max_skip_fraction={max_skip_fraction}; most common reason '{reason}' ({count}): {why}.\n"
@@ -98,6 +108,19 @@ class DataStats:
             "truncated": self.truncated, "tokens": self.tokens, "trainable_tokens": self.trainable_tokens,
             "trainable_fraction": self.trainable_tokens / max(self.tokens, 1), "length_percentiles": pct,
         }
+
+    def files_summary(self) -> dict:
+        """Per source file: rows read, examples kept, skipped by reason, truncated."""
+        return {k: {**v, "skipped": dict(v["skipped"])} for k, v in self.files.items()}
+
+
+# Every reason an example is skipped (rows read - examples kept), with what it means.
+SKIP_REASONS = {
+    **formats.SKIP_REASONS,
+    "no_trainable_tokens": "no token of the example is trainable (no assistant content left after the template "
+                           "and truncation, or the template has no assistant turn)",
+    "too_long": "the example is longer than data.max_length and data.truncation='drop'",
+}
 
 
 # ------------------------------------------------------------------------ tokenizer
@@ -147,6 +170,10 @@ class TokenizeFn:
         self.train_on = train_on
 
     def __call__(self, rec: dict) -> dict:
+        if rec.get("skip"):  # nothing right to train on (formats.SKIP_REASONS): counted, not tokenized
+            return {"inputs": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32),
+                    "loss_mask": np.zeros(0, np.float32), "skip": rec["skip"], "truncated": False,
+                    "source": rec["source"], "text": json.dumps(rec["messages"], ensure_ascii=False)[:2000]}
         ids, mask = masking.encode(self.tokenizer, self.template, rec["messages"], self.train_on,
                                    tools=rec.get("tools"), source=rec["source"])
         return make_example(ids, mask, rec["source"], max_length=self.max_length, truncation=self.truncation,
@@ -285,7 +312,8 @@ class BlockShuffle(grain.MapDataset):
 
 def _readers(entry: str, cfg_data, cache_blocks: int = 4) -> list[formats.RecordReader]:
     return [formats.RecordReader(p, cfg_data.format, cfg_data.system_prompt, columns=cfg_data.columns,
-                                 reasoning=cfg_data.reasoning, cache_blocks=cache_blocks)
+                                 reasoning=cfg_data.reasoning, cache_blocks=cache_blocks,
+                                 strict=bool(getattr(cfg_data, "strict", False)))
             for p in formats.expand_paths(entry)]
 
 
@@ -293,7 +321,8 @@ def _load(entry: str, cfg_data) -> list:
     """One ``data.path`` entry: every record in memory, or (``data.streaming``) a lazy sequence."""
     if not cfg_data.streaming:
         return formats.load_conversations(entry, cfg_data.format, cfg_data.system_prompt,
-                                          columns=cfg_data.columns, reasoning=cfg_data.reasoning)
+                                          columns=cfg_data.columns, reasoning=cfg_data.reasoning,
+                                          strict=bool(getattr(cfg_data, "strict", False)), keep_skipped=True)
     return _Concat(_readers(entry, cfg_data, cache_blocks=cfg_data.shuffle_window + 1))  # one window (+1 spare)
 
 
@@ -570,10 +599,11 @@ def build_eval_batches(cfg_data, tokenizer, *, global_batch_size: int, seed: int
 
 
 def examples_for_split(cfg_data, tokenizer, split: str = "train", *, seed: int = 0,
-                       limit: int = 0) -> tuple[list[dict], DataStats]:
+                       limit: int = 0, check: bool = True, keep: bool = True) -> tuple[list[dict], DataStats]:
     """Tokenize a split in file order (no shuffle, no sharding): a list of examples
-    ``{inputs, targets, loss_mask, source, truncated}`` (kept ones only) and its stats.
-    Used by the inspector and for packing-efficiency numbers."""
+    ``{inputs, targets, loss_mask, source, truncated}`` (kept ones only; none when not ``keep``)
+    and its stats (``check``: data.max_skip_fraction enforced).
+    Used by the inspector, the data accounting and for packing-efficiency numbers."""
     template = _template(tokenizer, cfg_data)
     fn = TokenizeFn(tokenizer, template, max_length=cfg_data.max_length, truncation=cfg_data.truncation,
                     train_on=cfg_data.train_on)
@@ -583,12 +613,88 @@ def examples_for_split(cfg_data, tokenizer, split: str = "train", *, seed: int =
         for i in range(len(group)):
             ex = fn(group[i])
             stats.add(ex)
-            if not ex["skip"]:
+            if keep and not ex["skip"]:
                 out.append(ex)
             if limit and stats.rows >= limit:
                 break
-    stats.check_skip_fraction(cfg_data.max_skip_fraction)
+        if limit and stats.rows >= limit:
+            break
+    if check:
+        stats.check_skip_fraction(cfg_data.max_skip_fraction)
     return out, stats
+
+
+# ----------------------------------------------------------------------- accounting
+
+ACCOUNT_STREAMING_ROWS = 10000  # data.streaming: the accounting pass reads this many rows per split
+
+
+def account_data(cfg_data, tokenizer, *, seed: int = 0, limit: int | None = None,
+                 train_stats: DataStats | None = None) -> dict:
+    """What the data readers make of ``data.*``: per split and per file, rows read, examples kept,
+    skipped (by reason) and truncated, plus the directory entries that are not read.
+
+    One in-file-order pass over each split (``limit`` rows each; default: all, or
+    :data:`ACCOUNT_STREAMING_ROWS` with ``data.streaming``).  ``train_stats``: the stats of a pass
+    over the training split already made (the trainer's epoch count), reused instead of a second pass.
+    Printed by :func:`format_accounting`; the trainer writes it into run_info.json."""
+    if limit is None:
+        limit = ACCOUNT_STREAMING_ROWS if cfg_data.streaming else 0
+    out: dict = {"max_length": int(cfg_data.max_length), "truncation": cfg_data.truncation,
+                 "limit": int(limit) or None, "ignored": [], "splits": {}}
+    for spec in (cfg_data.path, cfg_data.eval_path):
+        if spec:
+            out["ignored"] += sources.ignored_files(spec)
+    for split in ("train", "eval"):
+        if split == "train" and train_stats is not None:
+            stats = train_stats
+        else:
+            _, stats = examples_for_split(cfg_data, tokenizer, split, seed=seed, limit=limit, check=False,
+                                          keep=False)
+        if split == "eval" and stats.rows == 0:
+            continue
+        summ = stats.summary()
+        out["splits"][split] = {**{k: summ[k] for k in ("rows", "examples", "skipped", "truncated", "tokens",
+                                                        "trainable_tokens")}, "files": stats.files_summary()}
+    return out
+
+
+def _skips(skipped: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def format_accounting(acc: dict, max_files: int = 8) -> str:
+    """The short block the trainer prints at start (and ``sft_jax.data.inspect`` shows)."""
+    lim = f", first {acc['limit']} rows per split" if acc.get("limit") else ""
+    lines = [f"data (max_length {acc['max_length']}, truncation={acc['truncation']}{lim}):"]
+    for split, st in acc["splits"].items():
+        n_skip = sum(st["skipped"].values())
+        line = f"  {split}: {st['rows']} rows read -> {st['examples']} examples kept"
+        line += f", {n_skip} skipped ({_skips(st['skipped'])})" if n_skip else ", 0 skipped"
+        line += f", {st['truncated']} truncated" if st["truncated"] else ""
+        lines.append(line)
+    files: dict = {}
+    for split, st in acc["splits"].items():
+        for name, f in st["files"].items():
+            tot = files.setdefault(name, {"rows": 0, "examples": 0, "skipped": collections.Counter(), "truncated": 0})
+            tot["rows"] += f["rows"]
+            tot["examples"] += f["examples"]
+            tot["truncated"] += f["truncated"]
+            tot["skipped"].update(f["skipped"])
+    for k, (name, f) in enumerate(sorted(files.items())):
+        if k == max_files:
+            lines.append(f"  ... {len(files) - max_files} more files (all of them in run_info.json)")
+            break
+        n_skip = sum(f["skipped"].values())
+        line = f"  {name}: {f['rows']} rows, {f['examples']} kept"
+        line += f", {n_skip} skipped ({_skips(f['skipped'])})" if n_skip else ""
+        line += f", {f['truncated']} truncated" if f["truncated"] else ""
+        lines.append(line)
+    if acc.get("ignored"):
+        shown = ", ".join(acc["ignored"][:max_files]) + (f", ... ({len(acc['ignored']) - max_files} more)"
+                                                          if len(acc["ignored"]) > max_files else "")
+        lines.append(f"  ignored (not data files): {shown}")
+    return "\n".join(lines)
 
 
 def packing_efficiency(examples: list[dict], cfg_data, *, batch_size: int = 8, seed: int = 0,

@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sft_jax.config import ConfigError, default_config, validate
+from sft_jax.config import default_config, validate
 from sft_jax.data import formats, pipeline, quality_model, quality_report, quality_text, templates
 from sft_jax.data.formats import DataError
 from sft_jax.data.quality_text import NOISE_REASONS, NoiseOptions
@@ -354,20 +354,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    try:
-        cfg = config_from_flags(f)
-        opts = QualityOptions(
-            near_threshold=f.near_threshold, shingle=f.shingle, keep=f.keep, eval_paths=tuple(f.eval),
-            ngram=f.ngram, drop=tuple(f.drop), select=f.select, clusters=f.clusters,
-            batch_size=f.batch_size or cfg.train.batch_size, seed=cfg.train.seed,
-            noise=NoiseOptions(min_response_words=f.min_response_words, repetition_threshold=f.repetition))
-        result = run(cfg, opts, out=f.out, report=f.report)
-    except (QualityError, ConfigError, DataError) as e:
-        print(f"sft_jax.data.quality: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = config_from_flags(f)
+    opts = QualityOptions(
+        near_threshold=f.near_threshold, shingle=f.shingle, keep=f.keep, eval_paths=tuple(f.eval),
+        ngram=f.ngram, drop=tuple(f.drop), select=f.select, clusters=f.clusters,
+        batch_size=f.batch_size or cfg.train.batch_size, seed=cfg.train.seed,
+        noise=NoiseOptions(min_response_words=f.min_response_words, repetition_threshold=f.repetition))
+    result = run(cfg, opts, out=f.out, report=f.report)
     print(json.dumps(result.summary(), default=float))
 
 
 if __name__ == "__main__":
+    from sft_jax.cli import run_absl
+
     define_flags()
-    app.run(main)
+    sys.exit(run_absl(main, None, "python -m sft_jax.data.quality"))  # the shared error-to-exit path

@@ -28,17 +28,21 @@ import bisect
 import collections
 import gzip
 import json
+import logging
 import os
 import pathlib
 import shutil
 import tempfile
 import threading
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
 import zstandard
 
 from sft_jax.data.errors import DataError
+
+log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 JSON_SUFFIXES = (".json", ".json.gz", ".json.zst")
@@ -67,10 +71,10 @@ def is_saved_dataset(path: pathlib.Path) -> bool:
 
 
 def open_compressed(path: str):
-    """A binary reader of ``path``, decompressing ``.gz`` / ``.zst`` on the fly."""
-    if path.endswith(".gz"):
+    """A binary reader of ``path``, decompressing ``.gz`` / ``.zst`` (any case) on the fly."""
+    if str(path).lower().endswith(".gz"):
         return gzip.open(path, "rb")
-    if path.endswith(".zst"):
+    if str(path).lower().endswith(".zst"):
         return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
     return open(path, "rb")
 
@@ -80,7 +84,7 @@ def read_bytes(path: str) -> bytes:
     try:
         with open_compressed(path) as f:
             return f.read()
-    except (OSError, EOFError, zstandard.ZstdError) as e:
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         raise DataError(f"{path}: cannot decompress: {e}") from None
 
 
@@ -102,7 +106,7 @@ def _decompress_to_tmp(path: str) -> str:
     try:
         with open_compressed(path) as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
-    except (OSError, EOFError, zstandard.ZstdError) as e:
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         raise DataError(f"{path}: cannot decompress: {e}") from None
     return out
 
@@ -123,13 +127,14 @@ class JsonlSource:
 
     def __init__(self, path: str):
         self.path = path
-        self._file = _decompress_to_tmp(path) if path.endswith((".gz", ".zst")) else path
+        self._file = _decompress_to_tmp(path) if path.lower().endswith((".gz", ".zst")) else path
         offsets, lines = array.array("q"), array.array("q")  # 8 bytes a row while indexing, too
         pos, lineno = 0, 0
         with open(self._file, "rb") as f:
             for raw in f:
                 lineno += 1
-                if raw.strip():
+                body = raw[3:] if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else raw  # a leading BOM
+                if body.strip(b" \t\r\n"):  # JSON whitespace only (as formats' in-memory reader)
                     offsets.append(pos)
                     lines.append(lineno)
                 pos += len(raw)
@@ -152,13 +157,15 @@ class JsonlSource:
         raw = _read_line(self._fd, int(self._offsets[i]))
         where = f"{self.path}:{int(self._lines[i])}"
         try:
-            text = raw.decode("utf-8-sig")
+            text = raw.decode("utf-8-sig" if self._offsets[i] == 0 else "utf-8")  # a BOM only starts the file
         except UnicodeDecodeError as e:
             raise DataError(f"{where}: invalid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON line: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # an over-long integer, nesting too deep
+            raise DataError(f"{where}: malformed JSON line: {type(e).__name__}: {e}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: a row must be a JSON object, got {type(obj).__name__}")
         return obj, where
@@ -288,7 +295,7 @@ def open_saved(path: str) -> DatasetSource:
     import datasets
 
     base, _, split = path.partition("@") if not os.path.exists(path) else (path, "", "")
-    if base.endswith(".arrow") and os.path.isfile(base):
+    if base.lower().endswith(".arrow") and os.path.isfile(base):
         try:
             return DatasetSource(datasets.Dataset.from_file(base), base)
         except Exception as e:
@@ -301,6 +308,30 @@ def open_saved(path: str) -> DatasetSource:
 # ---------------------------------------------------------------------------- entries
 
 
+def list_dir(p: pathlib.Path) -> tuple[list[str], list[str]]:
+    """``(data files, ignored entries)`` of a data directory, in name order (suffixes in any case;
+    subdirectories and other files are ignored, and named)."""
+    found, ignored = [], []
+    for f in sorted(p.iterdir()):
+        (found if f.is_file() and suffix_of(f.name) else ignored).append(str(f) + ("/" if f.is_dir() else ""))
+    return found, ignored
+
+
+def _names(paths: list[str], limit: int = 8) -> str:
+    names = [os.path.basename(x.rstrip("/")) + ("/" if x.endswith("/") else "") for x in paths]
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def ignored_files(spec: str) -> list[str]:
+    """The entries that the directories named in ``data.path`` hold but that are not read."""
+    out = []
+    for part in [x.strip() for x in spec.split(",") if x.strip()]:
+        p = pathlib.Path(part).expanduser()
+        if not part.startswith(HF_PREFIX) and p.is_dir() and not is_saved_dataset(p):
+            out.extend(list_dir(p)[1])
+    return out
+
+
 def expand_entry(entry: str) -> list[str]:
     """One ``data.path`` entry -> the sources it names (files, saved datasets, hub ids).
 
@@ -311,9 +342,13 @@ def expand_entry(entry: str) -> list[str]:
     if is_saved_dataset(p) or (not p.exists() and "@" in entry and is_saved_dataset(pathlib.Path(entry.split("@")[0]))):
         return [str(p) if p.exists() else entry]
     if p.is_dir():
-        found = sorted(str(f) for f in p.iterdir() if f.is_file() and suffix_of(f.name))
+        found, ignored = list_dir(p)
         if not found:
-            raise DataError(f"{p}: directory holds no data files ({', '.join(FILE_SUFFIXES)})")
+            raise DataError(f"{p}: directory holds no data files ({', '.join(FILE_SUFFIXES)}, any case)"
+                            + (f"; it has {_names(ignored)}" if ignored else ""))
+        if ignored:
+            log.warning("data.path %s: ignoring %d %s (data files end in %s, any case): %s", p, len(ignored),
+                        "entry" if len(ignored) == 1 else "entries", ", ".join(FILE_SUFFIXES), _names(ignored))
         return found
     if p.is_file():
         return [str(p)]
@@ -325,7 +360,7 @@ def _starts_with_array(path: str) -> bool:
     try:
         with open_compressed(path) as f:
             head = f.read(4096)
-    except (OSError, EOFError, zstandard.ZstdError) as e:
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
         raise DataError(f"{path}: cannot read: {e}") from None
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
@@ -352,5 +387,5 @@ def open_source(entry: str, read_json=None, *, cache_blocks: int = 4):
 __all__ = [
     "FILE_SUFFIXES", "HF_PREFIX", "JsonlSource", "ListSource", "ParquetSource", "DatasetSource",
     "expand_entry", "open_source", "open_hf", "open_saved", "parse_hf_id", "read_bytes",
-    "suffix_of", "is_saved_dataset",
+    "suffix_of", "is_saved_dataset", "list_dir", "ignored_files",
 ]

@@ -28,7 +28,7 @@ import uvicorn
 
 from sft_jax import generate as gen_lib
 from sft_jax import peft
-from sft_jax.export import OneLineArgumentParser, UsageError, run_cli
+from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
 from sft_jax.peft import PeftFormatError
 from sft_jax.serve.server import DrainingServer, build_models, create_app
 from sft_jax.sharding import ShardingError, tensor_parallel_mesh

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from sft_jax.data.formats import DataError
-from sft_jax.export import OneLineArgumentParser, UsageError, run_cli
+from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
 from sft_jax.synth import distill, evol_instruct, self_instruct
 from sft_jax.synth.inputs import load_prompts, load_seed_tasks
 from sft_jax.synth.jobs import Job, JobError
