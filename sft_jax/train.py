@@ -334,7 +334,7 @@ def _generation_setup(rc, model: ModelParts, tiny_eval_rows) -> _GenSetup | None
         data = rc.data.replace(eval_path=sets[0][1]) if sets else rc.data
         groups = pipeline.split_records(data, "eval", int(rc.train.seed))  # lazy with data.streaming: take a few
         convs = list(itertools.islice((g[i] for g in groups for i in range(len(g))), int(rc.eval.num_generations)))
-        recs = [c for c in convs if c["messages"][-1]["role"] == "assistant"]
+        recs = [c for c in convs if c["messages"][-1]["role"] == "assistant" and not c.get("skip")]
         return _GenSetup(tok, template, model.stop_ids, [c["messages"][:-1] for c in recs],
                          [c["messages"][-1]["content"] for c in recs], [None] * len(recs),
                          [c.get("tools") for c in recs])
@@ -347,25 +347,32 @@ def _build_data(ctx: Context, model: ModelParts, tiny_eval_rows) -> DataParts:
     rc, tok = ctx.rc, model.tokenizer
     bs, seed = int(rc.train.batch_size), int(rc.train.seed)
     per_epoch = None
+    epoch_stats: list = []  # the epoch count's DataStats: the data accounting of the training split, for free
     if rc.train.steps <= 0 or rc.eval.every_epoch:
-        per_epoch = pipeline.count_train_batches(rc.data, tok, global_batch_size=bs, seed=seed)
+        per_epoch = pipeline.count_train_batches(rc.data, tok, global_batch_size=bs, seed=seed, stats_out=epoch_stats)
     total_steps = int(rc.train.steps) if rc.train.steps > 0 else int(rc.train.epochs) * per_epoch
     if ctx.is_main and rc.train.warmup_steps > total_steps:  # a short smoke run of a long recipe: allowed, said
         log.warning("train.warmup_steps=%d is more than the run's %d steps: the learning rate never reaches "
                     "train.lr=%g", rc.train.warmup_steps, total_steps, rc.train.lr)
     train_iter = pipeline.build_train_iterator(rc.data, tok, global_batch_size=bs, seed=seed, epochs=None)
-    eval_sets = []
+    eval_sets, eval_configs = [], []
     named = parse_eval_sets(rc.data.eval_path)
     if named or rc.data.eval_fraction > 0:
         for name, path in named or [("", "")]:
             data = rc.data.replace(eval_path=path) if path else rc.data
+            eval_configs.append((name, data))
             batches, _ = pipeline.build_eval_batches(data, tok, global_batch_size=bs, seed=seed,
                                                      max_batches=int(rc.eval.max_batches))
             if batches:
                 eval_sets.append((name, batches))
-    # Data accounting (rows read / skipped / truncated per file) goes here: printed by the fit phase's
-    # start line and written into run_info.json from `DataParts.accounting`.
+    # Data accounting (issue 19): rows read / kept / skipped by reason / truncated, per split and file, and
+    # the directory entries not read; the epoch count's full pass when there was one, else the first
+    # pipeline.ACCOUNT_TRAIN_ROWS rows of each split.  Printed at start, written into run_info.json.
     accounting: dict = {}
+    if ctx.is_main:
+        accounting = pipeline.account_data(
+            rc.data, tok, seed=seed, train_stats=epoch_stats[0] if epoch_stats else None,
+            limit=None if epoch_stats else pipeline.ACCOUNT_TRAIN_ROWS, eval_configs=eval_configs)
     return DataParts(train_iter, total_steps, per_epoch, eval_sets, _generation_setup(rc, model, tiny_eval_rows),
                      accounting)
 
@@ -540,6 +547,8 @@ def _metrics_writer(ctx: Context, model: ModelParts, data: DataParts, start_step
         "mesh": dict(ctx.mesh.shape), "flops_per_token": flops_tok, "peak_flops_per_device": peak,
         "base_model": model.base_model, **({"data": data.accounting} if data.accounting else {}),
     })
+    if data.accounting:
+        mw.print(pipeline.format_accounting(data.accounting))
     mw.print(
         f"sft_jax: {mc.model_type} {n_total / 1e6:.2f}M params, {method.describe()} ({n_trainable / 1e6:.3f}M "
         f"trainable), kernels {kernel_info}, mesh {dict(ctx.mesh.shape)}, {data.total_steps} steps"

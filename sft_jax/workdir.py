@@ -185,6 +185,9 @@ def check_workdir(workdir, step: int | str | None = None) -> tuple[dict, int, st
     run = read_run_json(workdir)
     base = base_model_dir(workdir, run)
     s = resolve_step(workdir, step)
+    from sft_jax.workdir_lock import warn_if_training
+
+    warn_if_training(workdir, s)  # readers do not refuse a running trainer; they say so (workdir_lock.py)
     return run, s, base
 
 

@@ -32,6 +32,42 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 
 
+def running_trainer(workdir: str | os.PathLike) -> dict | None:
+    """The holder of `WORKDIR/.lock` when it is a live process on this host (or on another host), else None.
+
+    For readers (export / generate / eval / serve of a work directory): reads the recorded holder only
+    and never flocks, so a reader cannot make a starting trainer fail.  Decision (issue 19): a reader
+    does not refuse while a trainer runs (evaluating a mid-run checkpoint is a normal use); it warns,
+    since the trainer may rotate the step being read away (`checkpoint.keep`), and then fails with an
+    error naming the step."""
+    path = os.path.join(os.fspath(workdir), LOCK_NAME)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(65536)
+        holder = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(holder, dict) or not holder:
+        return None
+    if holder.get("host") != socket.gethostname():
+        return holder
+    try:
+        pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+        return None
+    return holder if pid > 0 and pid != os.getpid() and _alive(pid, str(holder.get("pid_start", ""))) else None
+
+
+def warn_if_training(workdir: str | os.PathLike, step: int | None = None) -> dict | None:
+    """Log a warning naming the running trainer of `workdir` (see :func:`running_trainer`)."""
+    holder = running_trainer(workdir)
+    if holder:
+        log.warning("work directory %s is being trained right now (%s): reading %s; the trainer may rotate "
+                    "older checkpoints away while they are read (checkpoint.keep)", workdir, _describe(holder),
+                    f"step {step}" if step is not None else "the latest checkpoint")
+    return holder
+
+
 class WorkdirLocked(RuntimeError):
     """The work directory is in use by another run; the message (one line) names the holder."""
 

@@ -140,3 +140,28 @@ def test_multihost_pair_is_refused_on_every_process(tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_readers_warn_about_a_running_trainer_and_never_flock(tmp_path, caplog):
+    """export / generate / eval / serve read a work directory without locking it (issue 19, decision in
+    workdir_lock.running_trainer): a live holder is named in a warning, a dead one is ignored."""
+    import logging
+    import socket
+
+    from sft_jax import workdir_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec = {"host": socket.gethostname(), "pid": holder.pid, "pid_start": workdir_lock._pid_start(holder.pid),
+               "started": "2026-01-01T00:00:00+00:00"}
+        (tmp_path / ".lock").write_text(json.dumps(rec))
+        with caplog.at_level(logging.WARNING, logger="sft_jax.workdir_lock"):
+            assert workdir_lock.warn_if_training(tmp_path, 4) == rec
+        assert f"pid {holder.pid}" in caplog.text and "step 4" in caplog.text
+        lock = workdir_lock.WorkdirLock(tmp_path / "other")  # a reader's check never blocks a trainer
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert workdir_lock.running_trainer(tmp_path) is None  # the holder is gone
+    assert workdir_lock.running_trainer(tmp_path / "missing") is None
