@@ -76,12 +76,14 @@ _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permis
 
 def _kinds(names) -> tuple[type, ...]:
     out = []
+    main = sys.modules.get("__main__")  # `python -m sft_jax.train` runs that module as __main__:
+    main_name = getattr(getattr(main, "__spec__", None), "name", None)  # its classes live there
     for name in names:
         mod, _, cls = name.partition(":")
-        m = sys.modules.get(mod)
-        t = getattr(m, cls, None) if m is not None else None
-        if isinstance(t, type):
-            out.append(t)
+        for m in (sys.modules.get(mod), main if main_name == mod else None):
+            t = getattr(m, cls, None) if m is not None else None
+            if isinstance(t, type):
+                out.append(t)
     return tuple(out)
 
 

@@ -91,6 +91,9 @@ def test_train_unknown_config_field_and_bad_value():
     assert code == 2 and "abc" in _one_line(err)
     code, err = _cli("sft_jax.plan", "--config=configs/tiny.py", "--target=nope-8", "--config.dat.path=x")
     assert code == 2 and "--config.dat.path" in _one_line(err)
+    # an error class of the module run as __main__ (python -m sft_jax.plan) is known too
+    code, err = _cli("sft_jax.plan", "--config=configs/tiny.py", "--target=nope-8")
+    assert code == 2 and "unknown target" in _one_line(err)
     code, err = _cli("sft_jax.train", "--config=configs/tiny.py", "--config.train.lrr=1", "-v")
     assert code == 2 and "Traceback" in err  # -v: the traceback before the line
 
