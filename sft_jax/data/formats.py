@@ -540,11 +540,12 @@ class RecordReader:
 
 
 def load_conversations(path_spec: str, fmt: str = "auto", system_prompt: str = "", *, columns: str = "",
-                       reasoning: str = "keep", strict: bool = False, keep_skipped: bool = False) -> list[dict]:
+                       reasoning: str = "keep", strict: bool = False, keep_skipped: bool = True) -> list[dict]:
     """Read every source of ``path_spec`` whole; returns records ``{"messages": [...], "source": "file:line"}``.
 
-    Rows with nothing to train on (:data:`SKIP_REASONS`) are left out with one warning counting them
-    (``keep_skipped``: kept, marked ``"skip"``, as the training pipeline counts them; ``strict``: a DataError)."""
+    Rows with nothing to train on (:data:`SKIP_REASONS`) are kept, marked ``"skip"`` with the reason (the
+    training pipeline counts them; the quality tool reports empty responses itself); ``keep_skipped=False``
+    leaves them out with one warning counting them; ``strict``: a DataError instead."""
     out = []
     for path in expand_paths(path_spec):
         out.extend(load_file(path, fmt, system_prompt, columns=columns, reasoning=reasoning, strict=strict))
