@@ -244,3 +244,45 @@ def test_inspect_data_errors_are_one_line(inspect_setup):
               f"{d / 'empty_answer.jsonl'}:1: an assistant turn is empty", "no such file"]
     for (rc, err), text in zip(results, expect):
         assert rc == 2 and text in _one_line(err), err[-2000:]
+
+
+def test_data_accounting_block(tmp_path, shared_dir):
+    """Per file rows / kept / skipped by reason / truncated, the ignored directory entries, in one block."""
+    from sft_jax.config import default_config
+    from sft_jax.data import pipeline
+
+    tok_path = shared_dir / "assets" / "stories260K" / "tok512.model"
+    if not tok_path.exists():
+        pytest.skip(f"{tok_path} not found")
+    d = tmp_path / "data"
+    d.mkdir()
+    turn = lambda role, c: {"role": role, "content": c}  # noqa: E731
+    rows = [{"messages": [turn("user", "hi"), turn("assistant", "hello there")]}] * 3 + [
+        {"messages": [turn("user", "hi"), turn("assistant", "")]},
+        {"messages": [turn("user", "hi"), turn("assistant", "x"), turn("user", "and?")]},
+        {"messages": [turn("user", "long"), turn("assistant", "word " * 200)]}]
+    (d / "A.JSONL").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (d / "notes.txt").write_text("not data")
+    cfg = default_config()
+    cfg.data.path, cfg.data.tokenizer, cfg.data.template = str(d), str(tok_path), "chatml"
+    cfg.data.add_template_tokens, cfg.data.eval_fraction, cfg.data.max_length = False, 0.0, 64
+    cfg.data.truncation = "drop"
+    tok, _ = pipeline.tokenizer_from_config(cfg)
+    acc = pipeline.account_data(cfg.data, tok)
+    f = acc["splits"]["train"]["files"][str(d / "A.JSONL")]
+    assert f == {"rows": 6, "examples": 3, "truncated": 0,
+                 "skipped": {"empty_assistant": 1, "no_final_assistant": 1, "too_long": 1}}
+    assert acc["ignored"] == [str(d / "notes.txt")] and "eval" not in acc["splits"]
+    block = pipeline.format_accounting(acc)
+    assert "train: 6 rows read -> 3 examples kept, 3 skipped (empty_assistant 1, no_final_assistant 1, too_long 1)" \
+        in block and "ignored (not data files): " + str(d / "notes.txt") in block, block
+    from sft_jax.data.errors import DataError
+
+    with pytest.raises(DataError, match="A.JSONL:4: an assistant turn is empty"):
+        pipeline.account_data(_strict(cfg).data, tok)
+
+
+def _strict(cfg):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.strict = True
+    return cfg
