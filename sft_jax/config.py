@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("flash", "dense", "pallas"),
     "model.kernels": ("auto", "reference", "cpu", "tokamax"),
-    "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora", "prompt_tuning", "p_tuning", "prefix_tuning"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
+    "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
     "peft.qlora.quant_type": ("nf4", "int8"),
@@ -156,6 +156,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.peft.prefix_tuning.num_virtual_tokens = 20
     c.peft.prefix_tuning.projection = False  # True: reparametrising MLP (peft's prefix_projection); False: P-tuning v2
     c.peft.prefix_tuning.encoder_hidden_size = 0  # projection MLP width; 0 = num_kv_heads * head_dim (peft's default)
+    # IA3: learned scaling vectors (peft's IA3Config; Llama defaults)
+    c.peft.ia3 = ml_collections.ConfigDict()
+    c.peft.ia3.targets = "k_proj,v_proj,down_proj"  # modules scaled (the lora targets syntax)
+    c.peft.ia3.feedforward = "down_proj"  # of those, the ones whose input (not output) is scaled; "" = none
 
     # -------------------------------------------------------------- neftune
     c.neftune = ml_collections.ConfigDict()

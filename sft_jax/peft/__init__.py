@@ -12,6 +12,7 @@ from __future__ import annotations
 from sft_jax.peft.base import Method, MethodConfigError, NotMergeable, PeftFormatError, count_params
 from sft_jax.peft.dora import Dora
 from sft_jax.peft.full import Full
+from sft_jax.peft.ia3 import IA3
 from sft_jax.peft.lora import Lora
 from sft_jax.peft.p_tuning import PTuning
 from sft_jax.peft.prefix_tuning import PrefixTuning
@@ -30,6 +31,7 @@ METHODS: dict[str, type[Method]] = {
     PromptTuning.name: PromptTuning,
     PTuning.name: PTuning,
     PrefixTuning.name: PrefixTuning,
+    IA3.name: IA3,
 }
 
 
