@@ -13,7 +13,7 @@ from sft_jax.config import ConfigError, validate
 from sft_jax.data import pipeline
 from sft_jax.data.formats import DataError
 
-CONFIGS = {"lima": "LIMA", "lima_lora": "LIMA", "alpaca": "hf:tatsu-lab/alpaca", "llama3_8b_full": "hf:org/name",
+CONFIGS = {"lima": "LIMA", "lima_lora": "LIMA", "lima_ia3": "LIMA", "alpaca": "hf:tatsu-lab/alpaca", "llama3_8b_full": "hf:org/name",
            "llama3_8b_lora": "hf:org/name"}
 
 
