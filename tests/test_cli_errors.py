@@ -24,6 +24,7 @@ ENTRY_POINTS = {
     "sft_jax/data/quality.py": "run_absl", "sft_jax/export.py": "run_cli", "sft_jax/generate.py": "run_cli",
     "sft_jax/eval.py": "run_cli", "sft_jax/report.py": "run_cli", "sft_jax/convert.py": "run_cli",
     "sft_jax/serve/__main__.py": "run_cli", "sft_jax/synth/__main__.py": "run_cli",
+    "sft_jax/peft/combine.py": "run_cli",
 }
 
 
