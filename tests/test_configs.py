@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pathlib
 
 import pytest
 
@@ -13,8 +14,10 @@ from sft_jax.config import ConfigError, validate
 from sft_jax.data import pipeline
 from sft_jax.data.formats import DataError
 
-CONFIGS = {"lima": "LIMA", "lima_lora": "LIMA", "lima_ia3": "LIMA", "alpaca": "hf:tatsu-lab/alpaca", "llama3_8b_full": "hf:org/name",
-           "llama3_8b_lora": "hf:org/name"}
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# every LIMA preset (configs/lima.py and one configs/lima_<method>.py per fine-tuning method) names LIMA
+CONFIGS = {p.stem: "LIMA" for p in sorted(CONFIG_DIR.glob("lima*.py"))}
+CONFIGS.update({"alpaca": "hf:tatsu-lab/alpaca", "llama3_8b_full": "hf:org/name", "llama3_8b_lora": "hf:org/name"})
 
 
 def _config(repo_dir, name):
@@ -44,3 +47,22 @@ def test_default_message_names_hub_ids():
 
     with pytest.raises(DataError, match=r"hf:org/name\[:config\]\[@split\]"):
         pipeline.split_records(default_config().data, "train")
+
+
+def test_every_method_has_a_lima_preset_and_every_config_builds_its_method(repo_dir):
+    """configs/lima.py is full fine-tuning; each other method of `peft.method` has configs/lima_<method>.py
+    (README "Method presets"), and every shipped config validates and builds its method."""
+    from sft_jax import peft
+    from sft_jax.config import CHOICES
+
+    missing = []
+    for name in CHOICES["peft.method"]:
+        preset = "lima" if name == "full" else f"lima_{name}"
+        if not (repo_dir / "configs" / f"{preset}.py").exists():
+            missing.append(f"configs/{preset}.py (peft.method={name})")
+            continue
+        assert _config(repo_dir, preset).peft.method == name, preset
+    assert not missing, f"no LIMA preset for: {', '.join(missing)}"
+    for path in sorted((repo_dir / "configs").glob("*.py")):
+        cfg = validate(_config(repo_dir, path.stem))
+        assert peft.from_config(cfg.peft).name == cfg.peft.method, path.name
