@@ -56,7 +56,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 BAD_INPUT = (
     "sft_jax.cli:UsageError", "sft_jax.config:ConfigError", "sft_jax.data.errors:DataError",
     "sft_jax.workdir:WorkdirError", "sft_jax.staged_dir:TargetExistsError",
-    "sft_jax.models.config:UnsupportedModelError", "sft_jax.models.hf_io:CheckpointMismatchError",
+    "sft_jax.models.config:UnsupportedModelError", "sft_jax.models.config:ModelConfigError",
+    "sft_jax.models.hf_io:CheckpointMismatchError",
     "sft_jax.gguf_export:GGUFExportError", "sft_jax.peft.base:PeftFormatError", "sft_jax.peft.base:NotMergeable",
     "sft_jax.peft.base:MethodConfigError", "sft_jax.sharding:ShardingError", "sft_jax.plan:PlanError",
     "sft_jax.report:ReportError", "sft_jax.data.quality:QualityError", "sft_jax.serve.adapters:NotStackable",

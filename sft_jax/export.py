@@ -6,7 +6,8 @@
 * `merged`: plain weights from the run's fine-tuning method (`Method.merge`: e.g. LoRA's update
   merged into the base; full fine-tuning: the trained weights; a method that cannot be merged
   says why), written by `save_hf` (config.json of the original family, safetensors sharded with an
-  index above --max_shard_mb), plus the run's tokenizer files (with the chat template used in
+  index above --max_shard_mb; the text part of a multimodal Gemma 3 is written back as the same
+  Gemma3ForConditionalGeneration, its vision tower and projector copied from the base), plus the run's tokenizer files (with the chat template used in
   training) and a `generation_config.json` whose `eos_token_id` lists the end-of-turn token and
   EOS, so `model.generate` stops where the fine-tuned model learnt to.
 * `peft`: the method's PEFT adapter (`Method.save_peft`: `adapter_config.json` +
@@ -130,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     with staged_dir(args.out, overwrite=args.overwrite) as tmp:
         if args.format == "merged":
             files = export_merged(run, tmp, dtype=dtype, max_shard_bytes=int(args.max_shard_mb * 2**20))
-            done = (f"wrote merged {run.model_config.model_type} model of step {run.step} to {args.out} "
+            what = run.model_config.model_type
+            if run.model_config.multimodal:
+                what = (f"{run.model_config.multimodal} (trained {what} language model; vision tower and projector "
+                        f"copied unchanged from {run.model_config.hf_wrapper['source']})")
+            done = (f"wrote merged {what} model of step {run.step} to {args.out} "
                     f"({len(files)} safetensors file(s), {dtype}, eos_token_id={run.eos_ids})")
         elif args.format == "gguf":
             s = export_gguf(run, tmp, dtype=dtype)

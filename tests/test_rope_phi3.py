@@ -219,6 +219,38 @@ def test_generate_cli_phi3_longrope_equals_transformers(built, capsys):
     assert rope.reencode_at(config) == BOUND
 
 
+def test_serve_engine_phi3_longrope_equals_transformers(built):
+    """The serving engine (continuous batching, one slot cache) decoding across original_max_position_embeddings
+    re-encodes a row's sequence there as transformers does: greedy == transformers for prompts before, at and
+    past the boundary, decoded together with rows of other lengths."""
+    import threading
+
+    from sft_jax.serve.engine import Engine, SamplingParams, Seq
+
+    path = built("phi3_longrope")
+    config, params = hf_io.load_hf(path)
+    prompts = [list(map(int, _ids(9, 8))), list(map(int, _ids(BOUND, 10))), list(map(int, _ids(20, 9))),
+               list(map(int, _ids(3, 11)))]
+    n = 2 * BOUND
+    eng = Engine(params, config, max_batch=3, max_len=64).start()  # 4 prompts, 3 slots: one joins mid-run
+    done = threading.Event()
+    finished = []
+
+    def notify(ids, why):
+        if why is not None:
+            finished.append(why)
+            if len(finished) == len(prompts):
+                done.set()
+
+    seqs = [Seq(p, SamplingParams(max_tokens=n), notify=notify) for p in prompts]
+    eng.submit(seqs)
+    assert done.wait(300)
+    eng.shutdown()
+    for p, s in zip(prompts, seqs):
+        assert s.finish_reason == "length"
+        assert s.out_ids == _hf_greedy(path, p, n), len(p)
+
+
 @pytest.mark.parametrize("name", ["phi3_longrope", "phi3_tied_window", "qwen2_yarn", "llama_dynamic"])
 def test_hf_save_round_trip_exact(built, name, tmp_path):
     from safetensors.numpy import load_file

@@ -15,8 +15,10 @@ Implementations, the first that accepts the call (tokamax raises NotImplementedE
 GPU `mosaic` (Mosaic GPU, sm90/sm100), `triton` (Pallas Triton); TPU `mosaic` (Pallas Mosaic TPU); then
 tokamax's `xla` (its XLA reference, every backend; what the CPU tests run, tokamax has no interpret mode
 for its attention kernels). Only the `xla` path is tested here; the GPU/TPU kernels wait for a lent device
-(`bench/tokamax_check.py`). Refused with a clear error: a sliding window (tokamax's `local_window_size`
-counts slots and our window counts positions: use `model.kernels=reference` with `attention=flash`).
+(`bench/tokamax_check.py`). No sliding window (tokamax's `local_window_size` counts slots, our window
+positions) and no logit soft-capping: the model's training path then runs the XLA flash kernel instead
+(declared in `kernels.ATTENTION_KERNELS`, decided by `kernels.training_attention`, logged); called directly
+with a window, this function raises.
 Under the step's mesh the kernel runs per device on its rows and heads (`jax.shard_map`, as the Pallas
 kernel).
 """

@@ -21,6 +21,19 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longr
 # transformers' Phi3Config accepts only these (and reads "su"/"yarn" as longrope)
 PHI3_ROPE_TYPES = ("default", "longrope")
 
+# Multimodal checkpoints whose text part is one of the families above: config.json model_type ->
+# (its architecture, the text part's model_type). Only the language model is loaded (`hf_wrapper`).
+MULTIMODAL = {"gemma3": ("Gemma3ForConditionalGeneration", "gemma3_text")}
+# transformers' Gemma3TextConfig defaults: published multimodal config.json files (google/gemma-3-4b-it) write
+# only the text_config fields that differ from them
+_GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    "attention_bias": False, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+}
+_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -47,6 +60,10 @@ _MANAGED_HF_KEYS = {
 
 class UnsupportedModelError(ValueError):
     """A checkpoint whose architecture this port does not implement."""
+
+
+class ModelConfigError(ValueError):
+    """A model the chosen `model.attention` / `model.kernels` cannot compute (the message names the config field)."""
 
 
 def _freeze(v: Any) -> Any:
@@ -111,6 +128,10 @@ class ModelConfig:
     attention_block: int = 0  # flash block size; 0 = chosen from batch, heads and length
     # Unmanaged config.json fields, written back by to_hf (not part of hash/eq).
     hf_extra: dict | None = dataclasses.field(default=None, compare=False)
+    # The text part of a multimodal checkpoint (Gemma3ForConditionalGeneration): {"config": its whole
+    # config.json, "layout": "legacy" (language_model.model.*) | "modules" (model.language_model.*), "source":
+    # the directory read}; to_hf / save_hf write that class back (vision tower copied from "source"). Not hashed.
+    hf_wrapper: dict | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if isinstance(self.layer_types, list):
@@ -208,6 +229,11 @@ class ModelConfig:
                             layer_types=None, sliding_window=None)
 
     @property
+    def multimodal(self) -> str | None:
+        """The architecture of the multimodal checkpoint this is the language model of (None: a text model)."""
+        return MULTIMODAL[self.hf_wrapper["config"]["model_type"]][0] if self.hf_wrapper else None
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         e = self.eos_token_id
         if e is None:
@@ -217,8 +243,12 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF
     @classmethod
     def from_hf(cls, d: dict, **policy) -> "ModelConfig":
-        """Build from a Hugging Face config.json dict; `policy` sets dtype/param_dtype/scan_layers/remat."""
+        """Build from a Hugging Face config.json dict; `policy` sets dtype/param_dtype/scan_layers/remat.
+        A multimodal config (`MULTIMODAL`: Gemma 3's model_type gemma3) gives its language model's config,
+        with the whole dict kept in `hf_wrapper`."""
         mt = d.get("model_type")
+        if mt in MULTIMODAL:
+            return cls._from_multimodal(d, **policy)
         if mt not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"unsupported model_type {mt!r} (architectures={d.get('architectures')}); "
@@ -343,8 +373,51 @@ class ModelConfig:
             **policy,
         )
 
+    @classmethod
+    def _from_multimodal(cls, d: dict, **policy) -> "ModelConfig":
+        mt = d["model_type"]
+        arch, text_type = MULTIMODAL[mt]
+        text = d.get("text_config") or {}
+        if text.get("model_type", text_type) != text_type:
+            raise UnsupportedModelError(f"{mt} ({arch}): text_config.model_type {text.get('model_type')!r} is not "
+                                        f"{text_type!r}")
+        td = {**_GEMMA3_TEXT_DEFAULTS, **text, "model_type": text_type}
+        td.pop("architectures", None)
+        # Gemma3ForConditionalGeneration reads tying and the special tokens from the top-level config
+        td["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", True))
+        for k in _TOKEN_KEYS:
+            if d.get(k) is not None:
+                td[k] = d[k]
+        # ... and never soft-caps its final logits (its forward has no final_logit_softcapping)
+        td["final_logit_softcapping"] = None
+        return dataclasses.replace(cls.from_hf(td, **policy), hf_wrapper={"config": d, "layout": None, "source": None})
+
+    def _to_hf_multimodal(self, text: dict, torch_dtype: str | None) -> dict:
+        """The multimodal config.json: the original dict with this text part (and its tying / tokens)."""
+        orig = self.hf_wrapper["config"]
+        d = {k: v for k, v in orig.items() if k not in ("torch_dtype", "dtype")}
+        text = {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype", "dtype")}
+        otext = orig.get("text_config") or {}
+        text["final_logit_softcapping"] = otext.get("final_logit_softcapping")
+        for k in _TOKEN_KEYS:
+            if k in orig:  # top-level keys stay at the top; the text part keeps its own where it had one
+                d[k] = text[k]
+                if k in otext:
+                    text[k] = otext[k]
+                else:
+                    text.pop(k)
+        d.update(architectures=[MULTIMODAL[orig["model_type"]][0]], tie_word_embeddings=self.tie_embeddings,
+                 text_config=text)
+        if torch_dtype is not None:
+            d["torch_dtype"] = torch_dtype
+            d["dtype"] = torch_dtype
+        return d
+
     def to_hf(self, torch_dtype: str | None = None) -> dict:
-        """config.json dict for this family (transformers 4 style rope fields, read by 4 and 5)."""
+        """config.json dict for this family (transformers 4 style rope fields, read by 4 and 5); the text
+        part of a multimodal checkpoint gives that checkpoint's whole config.json back (`hf_wrapper`)."""
+        if self.hf_wrapper:
+            return self._to_hf_multimodal(dataclasses.replace(self, hf_wrapper=None).to_hf(), torch_dtype)
         d: dict[str, Any] = dict(self.hf_extra or {})
         d.update(
             model_type=self.model_type,

@@ -17,7 +17,11 @@ import json
 import math
 import os
 import re
+import shutil
 from typing import Any, Callable, Iterator
+
+import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,8 @@ from safetensors.numpy import save_file
 
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.llama import abstract_params
+
+log = logging.getLogger(__name__)
 
 # HF tensors that are buffers, not weights: ignored when loading.
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"), re.compile(r".*\.masked_bias$"), re.compile(r".*attn\.bias$"))
@@ -78,19 +84,42 @@ def _layer_entries(config: ModelConfig) -> list[tuple[tuple[str, ...], str, bool
     return out
 
 
-def param_mapping(config: ModelConfig, scan_layers: bool | None = None):
-    """List of (our param path, [HF names (one per stacked layer, or one)], transpose?)."""
+# The language model's names inside a multimodal checkpoint (ModelConfig.hf_wrapper): (prefix, lm_head name)
+# per layout. "modules": transformers 5's module names (Gemma3ForConditionalGeneration.model.language_model),
+# what PEFT targets; "legacy": what the published checkpoints hold and transformers 5.24's save_pretrained
+# still writes (its conversion mapping renames them on load).
+_LAYOUTS = {"modules": ("model.language_model.", "lm_head.weight"),
+            "legacy": ("language_model.model.", "language_model.lm_head.weight")}
+# tensors of a multimodal checkpoint that are not the language model's (not loaded; copied by save_hf)
+_OTHER_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _prefixes(config: ModelConfig, layout: str | None) -> tuple[str, str]:
+    if not config.hf_wrapper:
+        return "model.", "lm_head.weight"
+    return _LAYOUTS[layout or "modules"]
+
+
+def checkpoint_layout(config: ModelConfig) -> str | None:
+    """The language model's name layout in the checkpoint this config was read from (None: a text model)."""
+    return (config.hf_wrapper or {}).get("layout") or ("modules" if config.hf_wrapper else None)
+
+
+def param_mapping(config: ModelConfig, scan_layers: bool | None = None, layout: str | None = None):
+    """List of (our param path, [HF names (one per stacked layer, or one)], transpose?). For the text part
+    of a multimodal checkpoint the names are `layout`'s (default: the transformers module names)."""
     scan = config.scan_layers if scan_layers is None else scan_layers
-    out = [(("embed", "embedding"), ["model.embed_tokens.weight"], False),
-           (("final_norm", "scale"), ["model.norm.weight"], False)]
+    pre, head = _prefixes(config, layout)
+    out = [(("embed", "embedding"), [f"{pre}embed_tokens.weight"], False),
+           (("final_norm", "scale"), [f"{pre}norm.weight"], False)]
     if not config.tie_embeddings:
-        out.append((("lm_head", "kernel"), ["lm_head.weight"], True))
+        out.append((("lm_head", "kernel"), [head], True))
     for sub, hf, tr in _layer_entries(config):
         if scan:
-            out.append((("layers",) + sub, [f"model.layers.{i}.{hf}" for i in range(config.num_layers)], tr))
+            out.append((("layers",) + sub, [f"{pre}layers.{i}.{hf}" for i in range(config.num_layers)], tr))
         else:
             for i in range(config.num_layers):
-                out.append(((f"layers_{i}",) + sub, [f"model.layers.{i}.{hf}"], tr))
+                out.append(((f"layers_{i}",) + sub, [f"{pre}layers.{i}.{hf}"], tr))
     return out
 
 
@@ -124,8 +153,20 @@ def _weight_files(path: str) -> dict[str, str]:
 
 
 def read_config(path: str, **policy) -> ModelConfig:
+    """The ModelConfig of an HF directory; for a multimodal checkpoint (its text part) also the layout of
+    its language-model names and the directory (`hf_wrapper`), read from the weight index / headers."""
     with open(os.path.join(path, "config.json")) as f:
-        return ModelConfig.from_hf(json.load(f), **policy)
+        config = ModelConfig.from_hf(json.load(f), **policy)
+    if config.hf_wrapper:
+        names = set(_weight_files(path))
+        layout = next((k for k, (pre, _) in _LAYOUTS.items() if any(n.startswith(pre) for n in names)), None)
+        if layout is None:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} ({config.multimodal}) holds no language model tensors "
+                f"({' or '.join(p + '*' for p, _ in _LAYOUTS.values())})")
+        config = dataclasses.replace(config, hf_wrapper={**config.hf_wrapper, "layout": layout,
+                                                         "source": os.path.abspath(path)})
+    return config
 
 
 def _sharding_for(shardings, path):
@@ -152,13 +193,20 @@ def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32", 
     """
     config = read_config(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, **policy)
     files = _weight_files(path)
-    mapping = param_mapping(config)
+    layout = checkpoint_layout(config)
+    mapping = param_mapping(config, layout=layout)
     expected = {n for _, names, _ in mapping for n in names}
     present = set(files)
+    if config.multimodal:  # only the language model is loaded: the vision tower and projector are left out
+        other = {n for n in present if n.startswith(_OTHER_PARTS)}
+        present -= other
+        log.info("%s: loading the language model only (text training); ignoring %d vision tower / "
+                 "multi-modal projector tensors (a merged export copies them back unchanged)",
+                 config.multimodal, len(other))
     missing = sorted(expected - present)
     unexpected = sorted(
         n for n in present - expected
-        if not any(r.match(n) for r in _IGNORED) and not (config.tie_embeddings and n == "lm_head.weight")
+        if not any(r.match(n) for r in _IGNORED) and not (config.tie_embeddings and n == _prefixes(config, layout)[1])
     )
     if missing or unexpected:
         msg = [f"checkpoint {path} does not match its config (model_type={config.model_type})"]
@@ -265,7 +313,7 @@ def load_hf(path: str, *, param_dtype: str = "float32", dtype: str = "float32", 
 def _hf_tensors(config: ModelConfig, params: dict, np_dtype) -> Iterator[tuple[str, tuple, Callable[[], np.ndarray]]]:
     """Yields (HF name, shape, thunk giving the HF-layout numpy array)."""
     scanned = "layers" in params
-    for ours, names, transpose in param_mapping(config, scan_layers=scanned):
+    for ours, names, transpose in param_mapping(config, scan_layers=scanned, layout=checkpoint_layout(config)):
         leaf = _get(params, ours)
         for i, name in enumerate(names):
             shape = tuple(leaf.shape[1:] if scanned and ours[0] == "layers" else leaf.shape)
@@ -280,21 +328,56 @@ def _hf_tensors(config: ModelConfig, params: dict, np_dtype) -> Iterator[tuple[s
             yield name, shape, thunk
 
 
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+_ST_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _other_parts(config: ModelConfig) -> list[tuple[str, tuple, Callable[[], np.ndarray], int]]:
+    """The multimodal source checkpoint's non-language tensors (vision tower, projector), to copy verbatim:
+    (name, shape, thunk, bytes)."""
+    src = config.hf_wrapper.get("source")
+    if not src or not os.path.isdir(src):
+        raise FileNotFoundError(f"writing a {config.multimodal} checkpoint copies its vision tower and projector from "
+                                f"the source checkpoint {src!r}, which is not there")
+    out = []
+    for name, fn in sorted(_weight_files(src).items()):
+        if not name.startswith(_OTHER_PARTS):
+            continue
+        with safe_open(fn, framework="numpy") as f:
+            sl = f.get_slice(name)
+            shape, nbytes = tuple(sl.get_shape()), math.prod(sl.get_shape()) * _ST_SIZES.get(sl.get_dtype(), 4)
+
+        def thunk(fn=fn, name=name):
+            with safe_open(fn, framework="numpy") as f:
+                return f.get_tensor(name)
+
+        out.append((name, shape, thunk, nbytes))
+    return out
+
+
 def save_hf(out_dir: str, config: ModelConfig, params: dict, *, dtype: str = "float32",
             max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Write config.json + model.safetensors (or shards + model.safetensors.index.json).
 
-    Tied models write no lm_head.  Returns the list of safetensors files written.
+    Tied models write no lm_head.  The text part of a multimodal checkpoint (`config.hf_wrapper`) is written
+    as that checkpoint: its config.json with this text part, the language model in the source's name layout
+    and the source's vision tower / projector tensors copied unchanged (their dtype too), plus its
+    image processor files (`PROCESSOR_FILES`).
+    Returns the list of safetensors files written.
     """
     os.makedirs(out_dir, exist_ok=True)
     npdt = _np_dtype(dtype)
-    entries = list(_hf_tensors(config, params, npdt))
+    entries = [(*e, math.prod(e[1]) * npdt.itemsize) for e in _hf_tensors(config, params, npdt)]
+    if config.multimodal:
+        if os.path.abspath(out_dir) == config.hf_wrapper.get("source"):
+            raise ValueError(f"save_hf: {out_dir} is the source checkpoint of the vision tower; write elsewhere")
+        entries += _other_parts(config)
     # plan shards by size
     shards: list[list] = [[]]
     size = 0
     total = 0
     for e in entries:
-        n = math.prod(e[1]) * npdt.itemsize
+        n = e[3]
         total += n
         if shards[-1] and size + n > max_shard_bytes:
             shards.append([])
@@ -308,14 +391,19 @@ def save_hf(out_dir: str, config: ModelConfig, params: dict, *, dtype: str = "fl
     weight_map = {}
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: thunk() for name, _, thunk in shard}
+        tensors = {name: thunk() for name, _, thunk, _ in shard}
         save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
         del tensors
         files.append(fname)
-        weight_map.update({name: fname for name, _, _ in shard})
+        weight_map.update({name: fname for name, _, _, _ in shard})
     if len(shards) > 1:
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config.to_hf(torch_dtype=str(np.dtype(npdt).name)), f, indent=2, sort_keys=True)
+    if config.multimodal:  # the image processor's files too, so that AutoProcessor loads the directory
+        src = config.hf_wrapper["source"]
+        for name in PROCESSOR_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
     return files

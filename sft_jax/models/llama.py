@@ -46,6 +46,7 @@ decode step each compile once.  The caller must keep `index + T <= max_len`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -55,7 +56,6 @@ import numpy as np
 from jax import lax
 
 from sft_jax import kernels as kernels_lib
-from sft_jax.kernels import flash_attention, native_attention, pallas_attention
 from sft_jax.models import rope as rope_lib
 from sft_jax.models.config import ModelConfig
 import dataclasses
@@ -311,26 +311,14 @@ class Attention(_Base):
             o = attend(q, k, v, jnp.concatenate([sees, mask], axis=-1), self.dt, cap)
         elif cache is not None:
             o = attend(q, k, v, mask, self.dt, cap)
-        elif c.attention == "flash" and isinstance(mask, tuple):  # block-sparse causal + segment attention, [B,H,T,T] never materialised
+        elif isinstance(mask, tuple):  # attention=flash|pallas: a kernel builds the mask block by block
+            # which kernel runs (and which falls back or refuses, e.g. for soft-capping) is the kernels' decision
+            kernel, _ = kernels_lib.training_attention(c, ks)
             seg, pos = mask
-            # the native C++ kernel and tokamax's have no logit soft-capping: the XLA flash kernel computes it then
-            if ks.native_attention and cap is None:
-                o = by_kind(sliding, lambda s: native_attention.attention(q, k, v, seg, pos, dtype=self.dt,
-                                                                          sliding_window=win(s)))
-            elif ks.flash_attention is not None and cap is None:  # a kernel library's (model.kernels=tokamax)
-                o = by_kind(sliding, lambda s: ks.flash_attention(q, k, v, seg, pos, dtype=self.dt,
-                                                                  sliding_window=win(s)))
-            else:
-                o = by_kind(sliding, lambda s: flash_attention.segment_attention(
-                    q, k, v, seg, pos, dtype=self.dt, sliding_window=win(s), block=c.attention_block, softcap=cap))
-        elif c.attention == "pallas" and isinstance(mask, tuple):  # the same function as jax's Pallas (Triton) GPU kernel
-            if cap is not None:
-                raise ValueError(f"model.attention=pallas does not support attn_logit_softcapping "
-                                 f"({c.model_type}); use model.attention=flash or dense")
-            o = by_kind(sliding, lambda s: pallas_attention.attention(q, k, v, mask[0], dtype=self.dt,
-                                                                      sliding_window=win(s), block=c.attention_block))
-        elif ks.dense_attention and cap is None:
-            o = ks.dense_attention(attend, q, k, v, mask, self.dt)
+            o = by_kind(sliding, lambda s: kernel.fn(q, k, v, seg, pos, dtype=self.dt, sliding_window=win(s),
+                                                     softcap=cap, block=c.attention_block))
+        elif ks.dense_attention:  # kernels=cpu: causal block skipping around the reference (which soft-caps)
+            o = ks.dense_attention(functools.partial(attend, softcap=cap), q, k, v, mask, self.dt)
         else:
             o = attend(q, k, v, mask, self.dt, cap)
         o = self.apply_linear(self.linear(c.hidden_size, ("heads", "embed"), c.attention_out_bias, "o_proj")(o))

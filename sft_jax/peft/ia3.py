@@ -32,7 +32,7 @@ import numpy as np
 from sft_jax.models.hooks import Hooks, LinearCall
 from sft_jax.peft.base import Method, MethodConfigError, Params, PeftFormatError
 from sft_jax.peft.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, _config_from_params, _get, _is_scanned,
-                               _set, _target_modules, module_map, target_paths)
+                               _set, _target_modules, module_map, same_language_model, target_paths)
 
 PEFT_LEAF = "ia3_l"
 
@@ -208,6 +208,7 @@ class IA3(Method):
             scanned = _is_scanned(params_or_config)
             config = _config_from_params(params_or_config)
         mm = module_map(config, scanned)
+        by_module = same_language_model(by_module, config)
         unknown = sorted(set(by_module) - {n for names in mm.values() for n in names})
         if unknown:
             raise PeftFormatError(f"{w_path}: adapter modules not in this model: {unknown[:5]}")

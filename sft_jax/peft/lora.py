@@ -315,7 +315,13 @@ def _target_modules(modules: list[str], all_modules: list[str]) -> Any:
     names = sorted({m.rsplit(".", 1)[-1] for m in modules})
     chosen = sorted(m for m in all_modules if m.rsplit(".", 1)[-1] in names)
     if chosen == sorted(modules):
-        return names
+        heads = sorted({m.split("layers.", 1)[0] for m in modules})
+        if heads == ["model."]:
+            return names
+        # the language model of a multimodal checkpoint: suffix names would also select the vision tower's
+        # q_proj/k_proj/v_proj in PeftModel, so the module list is a regex anchored at its language model
+        return ("^(" + "|".join(re.escape(h) for h in heads) + r")layers\.\d+\.(self_attn|mlp)\.("
+                + "|".join(re.escape(n) for n in names) + ")$")
     return "^(" + "|".join(re.escape(m) for m in sorted(modules)) + ")$"
 
 
@@ -384,6 +390,7 @@ def adapter_from_peft_tensors(by_module: dict, params_or_config, rank: int, adap
         scanned = _is_scanned(params_or_config)
         config = _config_from_params(params_or_config)
     mm = module_map(config, scanned)
+    by_module = same_language_model(by_module, config)
     known = {name for names in mm.values() for name in names}
     unknown = sorted(set(by_module) - known)
     if unknown:
@@ -414,6 +421,18 @@ def adapter_from_peft_tensors(by_module: dict, params_or_config, rank: int, adap
         node = {k: jnp.asarray(np.stack(v) if stacked else v[0]) for k, v in leaves.items()}
         _set(tree, path, node)
     return tree
+
+
+_LM, _TEXT = "model.language_model.", "model."
+
+
+def same_language_model(by_module: dict, config) -> dict:
+    """An adapter's {HF module: ...} renamed onto this config's module names where they differ only by the
+    multimodal wrapper: `model.language_model.*` (a Gemma3ForConditionalGeneration's language model) and
+    `model.*` (the same language model as Gemma3ForCausalLM, or params without a config) are one model."""
+    if getattr(config, "hf_wrapper", None):
+        return {(_LM + k[len(_TEXT):] if k.startswith(_TEXT + "layers.") else k): v for k, v in by_module.items()}
+    return {(_TEXT + k[len(_LM):] if k.startswith(_LM) else k): v for k, v in by_module.items()}
 
 
 def _config_from_params(params: dict):

@@ -15,6 +15,11 @@ sit does not matter; `prompt + max_tokens <= max_len` guarantees a row never ove
 Requests arriving while others decode are prefilled between two decode steps and join the next
 one (continuous batching); a finished or cancelled sequence frees its slot at once.
 
+Phi-3 `longrope` (`rope.reencode_at`): when a row feeds the token at position
+original_max_position_embeddings, its whole sequence (prompt + completion so far) is prefilled again
+into the same slots (long factors for every key, as transformers' Phi-3 re-encodes its cache there) and
+that prefill's token replaces the decode step's for the row; other rows are unaffected.
+
 Models
 ------
 An engine runs one base `params` either with one fine-tuning method for every row (`method`,
@@ -58,6 +63,7 @@ import numpy as np
 
 from sft_jax import sharding
 from sft_jax.models import llama
+from sft_jax.models import rope
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.hooks import METHOD
 from sft_jax.serve import adapters as adapter_lib
@@ -216,6 +222,7 @@ class Engine:
         self._rows = np.zeros(b, np.int32)  # each slot's adapter index
         self._slots: list[Seq | None] = [None] * b
         self._ring = 0  # g: the decode steps run so far
+        self._reencode_at = rope.reencode_at(config)  # Phi-3 longrope: the position whose step re-encodes (or None)
         self._pending: collections.deque[Seq] = collections.deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -274,7 +281,8 @@ class Engine:
         for bucket in self.buckets:
             ids = np.zeros((1, bucket), np.int32)
             self.cache, _ = self._prefill(self.params, self.extra, self.cache, ids, np.int32(1), np.int32(0),
-                                          np.int32(0), np.int32(0), *self._row_sampling(SamplingParams(max_tokens=1)))
+                                          np.int32(0), np.int32(0), *self._row_sampling(SamplingParams(max_tokens=1)),
+                                          np.int32(0))
         self._positions[:] = 0
         self.cache, _ = self._decode(self.params, self.extra, self.cache, self._tokens, self._positions,
                                      np.zeros(self.max_batch, np.int32), self._rows, np.int32(0), self._temp,
@@ -353,21 +361,28 @@ class Engine:
             if s is not None and s.cancelled:
                 self._free(r, "cancelled")
 
-    def _admit(self, r: int, seq: Seq) -> None:
-        n = len(seq.prompt_ids)
+    def _prefill_row(self, r: int, seq: Seq, tokens: Sequence[int], step: int) -> int:
+        """Encode `tokens` (positions 0..n-1) into row r at ring slots g-n .. g-1; the sampled next token."""
+        n = len(tokens)
         bucket = next(b for b in self.buckets if b >= n)
         ids = np.zeros((1, bucket), np.int32)
-        ids[0, :n] = seq.prompt_ids
+        ids[0, :n] = tokens
         start = (self._ring - n) % self.max_len
         self.cache, tok = self._prefill(self.params, self.extra, self.cache, ids, np.int32(n), np.int32(r),
-                                        np.int32(start), np.int32(seq.adapter), *self._row_sampling(seq.params))
+                                        np.int32(start), np.int32(seq.adapter), *self._row_sampling(seq.params),
+                                        np.int32(step))
+        return int(np.asarray(tok)[0])
+
+    def _admit(self, r: int, seq: Seq) -> None:
+        n = len(seq.prompt_ids)
+        tok = self._prefill_row(r, seq, seq.prompt_ids, 0)
         p = seq.params
         self._temp[r], self._top_p[r], self._top_k[r], self._seeds[r] = p.temperature, p.top_p, p.top_k, p.seed
         self._positions[r] = n
         self._rows[r] = seq.adapter
         self._steps[r] = 1
         self._active[r] = True
-        self._emit(r, int(np.asarray(tok)[0]))
+        self._emit(r, tok)
 
     def _step(self) -> None:
         index = np.int32(self._ring % self.max_len)
@@ -379,9 +394,16 @@ class Engine:
         nxt = np.asarray(nxt)
         for r in range(self.max_batch):
             if self._active[r]:
+                tok = int(nxt[r])
+                if self._positions[r] == self._reencode_at:
+                    # transformers' Phi-3 (longrope): the step that feeds the token at original_max_position_embeddings
+                    # drops the cache and encodes the whole sequence again with the long factors; so does this row
+                    # (the batched step's output for it is discarded; same slots, so the ring layout is unchanged)
+                    seq = self._slots[r]
+                    tok = self._prefill_row(r, seq, list(seq.prompt_ids) + seq.out_ids, int(self._steps[r]))
                 self._positions[r] += 1
                 self._steps[r] += 1
-                self._emit(r, int(nxt[r]))
+                self._emit(r, tok)
 
     def _emit(self, r: int, tok: int) -> None:
         """Row r produced `tok` (the token it feeds next step unless it finished)."""
@@ -445,7 +467,7 @@ def _model_inputs(extra, rows, config: ModelConfig, hooks, stacked: bool):
 
 @functools.lru_cache(maxsize=None)
 def _jit_prefill(config: ModelConfig, mesh, hooks, stacked: bool):
-    def prefill(params, extra, cache, ids, length, row, start, adapter, temperature, top_p, top_k, seed):
+    def prefill(params, extra, cache, ids, length, row, start, adapter, temperature, top_p, top_k, seed, step):
         with mesh_rules(mesh):
             method, method_vars = _model_inputs(extra, adapter[None], config, hooks, stacked)
             bucket = ids.shape[1]
@@ -456,8 +478,7 @@ def _jit_prefill(config: ModelConfig, mesh, hooks, stacked: bool):
             logits, small = llama.forward_with_cache(params, config, ids, pos, small, segment_ids=seg, method=method,
                                                      method_vars=method_vars)
             last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0, keepdims=True)
-            tok = sample_rows(last, temperature[None], top_p[None], top_k[None], seed[None],
-                              jnp.zeros((1,), jnp.int32))
+            tok = sample_rows(last, temperature[None], top_p[None], top_k[None], seed[None], step[None])
             s = cache["k"].shape[2]
             slots = (start + ar) % s
             new = dict(cache)
