@@ -198,6 +198,39 @@ def test_cpu_kernel_set_equals_reference_model(attention, method_name, scan):
         assert _rel(a, b) < 1e-5, jax.tree_util.keystr(path)
 
 
+def _compiled_step_dots(config, method):
+    """Dot instructions in the compiled full train step (forward, backward, AdamW) of `method`."""
+    import re
+
+    import optax
+
+    from sft_jax import train_step as ts
+
+    params = llama.init_params(config, jax.random.PRNGKey(0))
+    trainable, frozen = method.init(params, config, jax.random.PRNGKey(1))
+    opt = optax.adamw(1e-3)
+    b, t = 2, 64  # T <= 128: no causal block skipping, the dense attention is 2 dots forward, 4 backward
+    batch = {"inputs": jnp.zeros((b, t), jnp.int32), "targets": jnp.zeros((b, t), jnp.int32),
+             "loss_mask": jnp.ones((b, t), jnp.float32), "segment_ids": jnp.ones((b, t), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
+    step = jax.jit(ts.build_train_step(config, opt, None, method))
+    text = step.lower(trainable, frozen, opt.init(trainable), batch, jax.random.PRNGKey(0)).compile().as_text()
+    return len(re.findall(r"= \S+ dot\(", text))
+
+
+def test_full_fine_tuning_takes_the_fused_cpu_projections():
+    """Full fine-tuning (the identity hooks) under `kernels=cpu` computes each layer's q/k/v and gate/up
+    projections as ONE dot each, as the pre-redesign model did (issue 17 item 7: the compiled full-FT
+    step of the bench shapes is instruction for instruction the old tree's, bench/README.md). Per layer:
+    4 projection dots forward (q/k/v fused, o, gate/up fused, down) + 8 backward (input and weight
+    gradients) + 6 attention dots; the LM head 1 + 2: 18 L + 3. The reference set has 7 projections:
+    27 L + 3."""
+    c = CFG.replace(attention="dense", attention_bias=False, attention_out_bias=False, mlp_bias=False)
+    n = c.num_layers
+    assert _compiled_step_dots(c.replace(kernels="cpu"), peft.Full()) == 18 * n + 3
+    assert _compiled_step_dots(c.replace(kernels="reference"), peft.Full()) == 27 * n + 3
+
+
 def test_cpu_kernel_set_bf16_and_dropout():
     """bfloat16 compute (f32 accumulation in the cpu dots; stated tolerance 2e-2 on the loss, 5e-2 on
     gradients) and LoRA dropout in training: the fused path draws each adapter's mask from the same
