@@ -2,7 +2,8 @@
 """Two source trees of sft_jax in ONE process: compiled-step comparison and interleaved paired steps.
 
     python bench/ab_trees_inproc.py --a /path/to/old/tree --b . [--sizes small,medium] [--modes full,lora]
-                                    [--steps 12] [--hlo-only] [--out bench/ab_trees_inproc.json]
+                                    [--steps 12] [--policy dtype=bfloat16,scan_layers=1,remat=full]
+                                    [--chunk 128] [--hlo-only] [--out bench/ab_trees_inproc.json]
 
 For each (size, mode) both trees build vs_trl.py's sft_jax step (each tree's own `bench/vs_trl.py`
 `setup_sft_jax`: same HF model, optimizer, B 8 x T 512 f32; the trees' `sft_jax` packages are imported
@@ -115,13 +116,23 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=12, help="timed steps per side (after one warm-up)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--policy", default="", help="model policy of both sides, e.g. dtype=bfloat16,scan_layers=1,"
+                    "remat=full (vs_trl.py's --jax-policy)")
+    ap.add_argument("--chunk", type=int, default=0, help="train.loss_chunk_size (chunked cross-entropy; 0: off)")
     ap.add_argument("--hlo-only", action="store_true", help="compare the compiled steps only (no step is run)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     trees = {"A": Path(a.a).resolve(), "B": Path(a.b).resolve()}
+    policy = {}
+    for kv in filter(None, a.policy.split(",")):
+        k, v = kv.split("=")
+        policy[k] = bool(int(v)) if k == "scan_layers" else int(v) if v.isdigit() else v
     work = Path(tempfile.mkdtemp(prefix="ab_trees_inproc_"))
-    results = {"a": str(trees["A"]), "b": str(trees["B"]), "load_start": loadavg(), "rows": []}
-    print(f"# A = {trees['A']}  B = {trees['B']}  nproc {os.cpu_count()}  load {loadavg()}", flush=True)
+    results = {"a": str(trees["A"]), "b": str(trees["B"]), "policy": policy, "chunk": a.chunk,
+               "load_start": loadavg(), "rows": []}
+    print(f"# bench/ab_trees_inproc.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"# A = {trees['A']}  B = {trees['B']}  policy {policy} chunk {a.chunk}  nproc {os.cpu_count()}  "
+          f"load {loadavg()}", flush=True)
     for size_name in a.sizes.split(","):
         for mode in a.modes.split(","):
             import jax
@@ -134,7 +145,8 @@ def main(argv=None):
                 mdir = build_model(size_name, size, work)
                 batches = P.synthetic_batches(a.steps + 1, a.batch, a.max_length, size["vocab"])
                 st, tr, fr, opt = V.setup_sft_jax(mdir, batch_size=a.batch, lora=mode == "lora", lr=1e-3,
-                                                  steps=10**6, seed=0)
+                                                  steps=10**6, seed=0, policy=policy or None,
+                                                  step_opts=ts.StepOptions(loss_chunk_size=a.chunk))
                 dev = [jax.device_put({k: b[k] for k in ts.BATCH_KEYS}, st.shardings.batch) for b in batches]
                 comp = st.train_step.lower(tr, fr, opt, dev[0], jax.random.key(0)).compile()
                 ca = comp.cost_analysis()
@@ -156,7 +168,7 @@ def main(argv=None):
                   f"custom calls A {row['custom_calls'][0]} B {row['custom_calls'][1]}", flush=True)
             for tag, lines in (("A", only_a), ("B", only_b)):
                 for s in lines[:40]:
-                    print(f"  only {tag}: {s[:160]}")
+                    print(f"  only {tag}: {s[:200]}")
             if not a.hlo_only:
                 rng = jax.random.key(0)
                 t = {"A": [], "B": []}
