@@ -16,6 +16,10 @@ the keep policy deletes old steps only after the new one is finalised.  On top o
 `restore()` tries the newest step first and falls back to older ones (with a warning)
 when a step is corrupt or partial.
 
+Steps a reader pins (`sft_jax.step_pins`: export/generate/eval/serve reading a step while the trainer
+runs) are not deleted by the rotation: Orbax's deleter is wrapped (`_PinAwareDeleter`), a pinned step is
+kept and deleted at a later save (or at `close()`) once no reader holds it.
+
 `PreemptionFlag` turns SIGTERM into a flag the training loop polls at step boundaries.
 """
 
@@ -31,6 +35,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sft_jax import step_pins
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +125,57 @@ def _json_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(meta), default=default))
 
 
+class _PinAwareDeleter:
+    """Orbax's checkpoint deleter, skipping steps a reader pins (`sft_jax.step_pins`); a skipped step is
+    remembered and deleted by `retry()` (the next save, `close()`) once unpinned.  Process 0 decides and
+    deletes (Orbax's deleter acts on the primary host only), so no collective is involved."""
+
+    def __init__(self, inner: Any, directory: str):
+        self._inner, self._directory = inner, directory
+        self._deferred: set[int] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def deferred(self) -> list[int]:
+        with self._lock:
+            return sorted(self._deferred)
+
+    def delete(self, step: int) -> None:
+        step = int(step)
+        if jax.process_index() != 0:
+            return self._inner.delete(step)  # a no-op off the primary host
+        fd = step_pins.try_exclusive(self._directory, step)
+        if fd is None:
+            with self._lock:
+                new = step not in self._deferred
+                self._deferred.add(step)
+            if new:
+                log.warning("checkpoint step %d is being read by another process (pinned: %s); kept, it is deleted "
+                            "at a later save once the reader is done", step, step_pins.pin_path(self._directory, step))
+            return
+        try:
+            if os.path.isdir(os.path.join(self._directory, str(step))):
+                self._inner.delete(step)
+        finally:
+            step_pins.release_exclusive(self._directory, step, fd)
+        with self._lock:
+            self._deferred.discard(step)
+
+    def delete_steps(self, steps) -> None:
+        for step in steps:
+            self.delete(step)
+
+    def retry(self) -> None:
+        for step in self.deferred:
+            self.delete(step)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __getattr__(self, name):  # anything else Orbax asks of its deleter
+        return getattr(self._inner, name)
+
+
 class CheckpointNotFound(FileNotFoundError):
     """No (readable) checkpoint in the work directory."""
 
@@ -155,6 +212,9 @@ class Checkpointer:
             },
             options=options,
         )
+        # the keep-N rotation respects readers' pins (sft_jax.step_pins); Orbax 0.12's deleter attribute
+        self._deleter = _PinAwareDeleter(self._mgr._checkpoint_deleter, self.directory)  # noqa: SLF001
+        self._mgr._checkpoint_deleter = self._deleter  # noqa: SLF001
 
     # ------------------------------------------------------------------ queries
     def all_steps(self) -> list[int]:
@@ -187,12 +247,15 @@ class Checkpointer:
         step = int(step)
         if not force and not self.should_save(step):
             return False
+        self._deleter.retry()  # steps a reader pinned at an earlier rotation: deleted now if unpinned (process 0)
         existing = set(self._mgr.all_steps())
         if step in existing:
             if step in self._bad_steps:
                 warnings.warn(f"replacing corrupt checkpoint of step {step}", RuntimeWarning, stacklevel=2)
                 self._mgr.delete(step)
                 self._bad_steps.discard(step)
+                if os.path.isdir(os.path.join(self.directory, str(step))):  # a reader pins it: keep, do not save
+                    return False
             else:
                 log.info("checkpoint of step %d already exists; not saving again", step)
                 return False
@@ -262,7 +325,8 @@ class Checkpointer:
         self._mgr.check_for_errors()
 
     def close(self) -> None:
-        self._mgr.close()
+        self._mgr.close()  # waits for the in-flight save (its rotation included)
+        self._deleter.retry()  # pinned steps whose readers are done; still pinned: left for the reader
 
     def __enter__(self) -> "Checkpointer":
         return self

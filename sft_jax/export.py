@@ -34,6 +34,7 @@ import tempfile
 
 from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
 from sft_jax.staged_dir import TargetExistsError, check_target, staged_dir  # noqa: F401
+from sft_jax.workdir import STEP_HELP
 
 FORMATS = ("merged", "peft", "gguf")
 DTYPES = ("float32", "bfloat16")
@@ -42,7 +43,7 @@ DTYPES = ("float32", "bfloat16")
 def _parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog="python -m sft_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="training work directory (run.json, checkpoints/)")
-    p.add_argument("--step", default=None, help="checkpoint: N, latest (default) or best (checkpoint.keep_best)")
+    p.add_argument("--step", default=None, help=STEP_HELP)
     p.add_argument("--out", required=True, help="output directory (must be empty or new, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
     p.add_argument("--format", required=True, help="merged | peft | gguf")

@@ -34,6 +34,7 @@ import sys
 from typing import Any, Sequence
 
 from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
+from sft_jax.workdir import STEP_HELP
 
 PROG = "python -m sft_jax.generate"
 
@@ -251,7 +252,7 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--model", default=None, help="a Hugging Face model directory")
     p.add_argument("--adapter", default=None, help="with --model: a PEFT adapter directory to apply (unmerged)")
     p.add_argument("--workdir", default=None, help="a training work directory")
-    p.add_argument("--step", default=None, help="--workdir checkpoint: N, latest (default) or best")
+    p.add_argument("--step", default=None, help=STEP_HELP)
     p.add_argument("--prompt", action="append", default=[], help="user message (repeat for a batch)")
     p.add_argument("--prompt_ids", action="append", default=[], help="raw comma-separated ids, no template")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat on stdin")

@@ -36,6 +36,12 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # ------------------------------------------------------------------------------- MFU
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a lower value of eval metric `metric` ("loss", "a/loss", "accuracy", "stop_rate", ...) is
+    better: the one rule of early stopping, `checkpoint.keep_best` and the run report's best step."""
+    return metric.endswith("loss") or metric in ("repetition", "mean_length")
+
+
 def model_flops_per_token(
     n_params_total: int,
     n_layers: int,

@@ -355,24 +355,27 @@ def _build_data(ctx: Context, model: ModelParts, tiny_eval_rows) -> DataParts:
         log.warning("train.warmup_steps=%d is more than the run's %d steps: the learning rate never reaches "
                     "train.lr=%g", rc.train.warmup_steps, total_steps, rc.train.lr)
     train_iter = pipeline.build_train_iterator(rc.data, tok, global_batch_size=bs, seed=seed, epochs=None)
-    eval_sets, eval_configs = [], []
+    eval_sets, eval_configs, eval_stats = [], [], {}
     named = parse_eval_sets(rc.data.eval_path)
     if named or rc.data.eval_fraction > 0:
         for name, path in named or [("", "")]:
             data = rc.data.replace(eval_path=path) if path else rc.data
             eval_configs.append((name, data))
-            batches, _ = pipeline.build_eval_batches(data, tok, global_batch_size=bs, seed=seed,
-                                                     max_batches=int(rc.eval.max_batches))
+            batches, stats = pipeline.build_eval_batches(data, tok, global_batch_size=bs, seed=seed,
+                                                         max_batches=int(rc.eval.max_batches))
+            if not rc.eval.max_batches and jax.process_count() == 1:  # a pass over every row of the set
+                eval_stats[name] = stats
             if batches:
                 eval_sets.append((name, batches))
     # Data accounting (issue 19): rows read / kept / skipped by reason / truncated, per split and file, and
-    # the directory entries not read; the epoch count's full pass when there was one, else the first
-    # pipeline.ACCOUNT_TRAIN_ROWS rows of each split.  Printed at start, written into run_info.json.
+    # the directory entries not read, over every row (a streaming source: its first rows, marked partial).
+    # Passes made anyway are reused (the epoch count's, the eval batches'); the rest is one batched pass
+    # (pipeline.TokenizeFn.many).  Printed at start, written into run_info.json.
     accounting: dict = {}
     if ctx.is_main:
         accounting = pipeline.account_data(
             rc.data, tok, seed=seed, train_stats=epoch_stats[0] if epoch_stats else None,
-            limit=None if epoch_stats else pipeline.ACCOUNT_TRAIN_ROWS, eval_configs=eval_configs)
+            eval_configs=eval_configs, eval_stats=eval_stats)
     return DataParts(train_iter, total_steps, per_epoch, eval_sets, _generation_setup(rc, model, tiny_eval_rows),
                      accounting)
 
@@ -527,7 +530,7 @@ def _evaluator(ctx: Context, model: ModelParts, data: DataParts, steps, mw):
     return evaluate
 
 
-def _metrics_writer(ctx: Context, model: ModelParts, data: DataParts, start_step: int):
+def _metrics_writer(ctx: Context, model: ModelParts, data: DataParts, start_step: int, es=None):
     """-> (MetricsWriter, model FLOPs per token, peak FLOP/s per device); writes run_info.json, prints the start line."""
     rc, mc, method = ctx.rc, model.model_config, model.method
     n_total = peft.count_params(llama.abstract_params(mc))
@@ -546,6 +549,7 @@ def _metrics_writer(ctx: Context, model: ModelParts, data: DataParts, start_step
         "method": method.run_config(), "kernels": kernel_info, "steps_per_epoch": data.per_epoch,
         "mesh": dict(ctx.mesh.shape), "flops_per_token": flops_tok, "peak_flops_per_device": peak,
         "base_model": model.base_model, **({"data": data.accounting} if data.accounting else {}),
+        **({"best_metric": es.metric} if es is not None else {}),  # the run report's best step reads it
     })
     if data.accounting:
         mw.print(pipeline.format_accounting(data.accounting))
@@ -673,7 +677,7 @@ def _fit(ctx: Context, model: ModelParts, data: DataParts, es, steps, state: Tra
                                    method=model.method, model_policy=_model_policy(rc), eos_ids=model.stop_ids,
                                    config=rc.to_dict())
     start_step = state.step
-    mw, flops_tok, peak = _metrics_writer(ctx, model, data, start_step)
+    mw, flops_tok, peak = _metrics_writer(ctx, model, data, start_step, es)
     if changed:
         mw.print(f"resuming step {start_step} with a changed config: {'; '.join(changed)}")
     if es is not None:

@@ -79,7 +79,7 @@ class EarlyStopping:
 
     def __init__(self, metric: str, patience: int, min_delta: float):
         self.metric, self.patience, self.min_delta = metric, int(patience), float(min_delta)
-        self.lower_is_better = metric.endswith("loss") or metric in ("repetition", "mean_length")
+        self.lower_is_better = metrics_lib.lower_is_better(metric)
         self.best: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0

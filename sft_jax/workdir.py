@@ -143,6 +143,9 @@ def available_steps(workdir, best: bool = False) -> list[int]:
     return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n, "state")))
 
 
+STEP_HELP = "--workdir checkpoint: N, latest (default) or best (checkpoint.keep_best)"  # every CLI's --step
+
+
 def parse_step(value) -> int | str | None:
     """A `--step` value: "latest" / None -> None, "best" -> "best", "N" -> N; WorkdirError otherwise."""
     if value is None or value == "latest":
@@ -178,6 +181,25 @@ def state_dir(workdir, step: int | str | None = None) -> tuple[int, str]:
     n = resolve_step(workdir, step)
     root = BEST_DIR if parse_step(step) == "best" else "checkpoints"
     return n, os.path.join(os.path.abspath(os.fspath(workdir)), root, str(n), "state")
+
+
+def pin_state(workdir, step: int | str | None = None, attempts: int = 3):
+    """-> (step, its state directory, a held `step_pins.StepPin`) for a `--step` value: the step is pinned so
+    that a trainer running in the work directory does not rotate it away while it is read (release the pin
+    when done).  A step deleted between resolving and pinning: `latest`/`best` resolve again (a newer
+    checkpoint replaced it); an explicit N is a WorkdirError naming it."""
+    from sft_jax.step_pins import StepPin
+
+    for _ in range(attempts):
+        n, sdir = state_dir(workdir, step)
+        pin = StepPin(os.path.dirname(os.path.dirname(sdir)), n)
+        if os.path.isdir(sdir):
+            return n, sdir, pin
+        pin.release()
+        if parse_step(step) not in (None, "best"):
+            break
+    raise WorkdirError(f"step {parse_step(step) or n} of {workdir} was deleted (rotated away by a running trainer) "
+                       f"before it could be read; available: {', '.join(map(str, available_steps(workdir))) or 'none'}")
 
 
 def check_workdir(workdir, step: int | str | None = None) -> tuple[dict, int, str]:
@@ -275,16 +297,26 @@ def load_run(workdir, step: int | str | None = None, *, param_dtype: str | None 
     Only `trainable` and `step` are read from the checkpoint (Orbax partial restore); with
     `with_opt_state` also `opt_state` (abstract tree: `make_optimizer(cfg.train, 1)[0].init`) and
     `rng`.  param_dtype/dtype default to run.json's model policy.  Errors: WorkdirError (one line).
+    The step is pinned while it is read (`pin_state`): a trainer running in the work directory keeps it.
     """
+    workdir = os.path.abspath(os.fspath(workdir))
+    run, _, base = check_workdir(workdir, step)
+    step, state_dir_, pin = pin_state(workdir, step)  # held until the arrays are read (a trainer's rotation waits)
+    try:
+        return _load_pinned(workdir, run, base, step, state_dir_, param_dtype=param_dtype, dtype=dtype,
+                            with_opt_state=with_opt_state, load_tokenizer=load_tokenizer)
+    finally:
+        pin.release()
+
+
+def _load_pinned(workdir: str, run: dict, base: str, step: int, state_dir_: str, *, param_dtype, dtype,
+                 with_opt_state: bool, load_tokenizer: bool) -> Run:
     import jax
     import numpy as np
 
     from sft_jax import peft
     from sft_jax.models import hf_io, llama
 
-    workdir = os.path.abspath(os.fspath(workdir))
-    run, _, base = check_workdir(workdir, step)
-    step, state_dir_ = state_dir(workdir, step)
     pol = _model_dict(run["model"])
     pdt = param_dtype or pol["param_dtype"]
     cdt = dtype or pol["dtype"]

@@ -37,9 +37,9 @@ def running_trainer(workdir: str | os.PathLike) -> dict | None:
 
     For readers (export / generate / eval / serve of a work directory): reads the recorded holder only
     and never flocks, so a reader cannot make a starting trainer fail.  Decision (issue 19): a reader
-    does not refuse while a trainer runs (evaluating a mid-run checkpoint is a normal use); it warns,
-    since the trainer may rotate the step being read away (`checkpoint.keep`), and then fails with an
-    error naming the step."""
+    does not refuse while a trainer runs (evaluating a mid-run checkpoint is a normal use); it says so, and
+    pins the step it reads (`sft_jax.step_pins`: the trainer's rotation keeps a pinned step until the reader
+    is done)."""
     path = os.path.join(os.fspath(workdir), LOCK_NAME)
     try:
         with open(path, "rb") as f:
@@ -62,8 +62,8 @@ def warn_if_training(workdir: str | os.PathLike, step: int | None = None) -> dic
     """Log a warning naming the running trainer of `workdir` (see :func:`running_trainer`)."""
     holder = running_trainer(workdir)
     if holder:
-        log.warning("work directory %s is being trained right now (%s): reading %s; the trainer may rotate "
-                    "older checkpoints away while they are read (checkpoint.keep)", workdir, _describe(holder),
+        log.warning("work directory %s is being trained right now (%s): reading %s (pinned while it is read: the "
+                    "trainer's rotation keeps it meanwhile)", workdir, _describe(holder),
                     f"step {step}" if step is not None else "the latest checkpoint")
     return holder
 

@@ -4,6 +4,7 @@ resume), rendered in headless Chromium with a screenshot size check; one-line er
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 import shutil
 import subprocess
@@ -81,3 +82,40 @@ def test_report_renders_in_headless_chromium(tmp_path):
     pixels = matplotlib.image.imread(str(shot))
     assert pixels.shape[:2] == (1400, 1000)
     assert pixels[..., :3].std() > 0.05  # not a blank page
+
+
+def test_best_step_reads_the_early_stopping_metric(tmp_path):
+    """The star and the bold row follow the metric early stopping / checkpoint.keep_best use: a named eval
+    set's `eval_NAME/loss` (run_info.json's resolved `best_metric`, or the config resolved the trainer's
+    way for a run without it), a higher-is-better metric, and min_delta (the tracker's rule)."""
+    from sft_jax.metrics import lower_is_better
+    from sft_jax.train_loop import EarlyStopping
+
+    for m in ("loss", "a/loss", "accuracy", "a/accuracy", "stop_rate", "exact_match", "repetition", "mean_length"):
+        assert EarlyStopping(m, 1, 0.0).lower_is_better == lower_is_better(m)
+    evals = {10: {"eval_a/loss": 2.0, "eval_b/loss": 1.0, "eval_a/accuracy": 0.5},
+             20: {"eval_a/loss": 1.5, "eval_b/loss": 1.2, "eval_a/accuracy": 0.7},
+             30: {"eval_a/loss": 1.45, "eval_b/loss": 1.3, "eval_a/accuracy": 0.6}}
+    cfg = {"data": {"eval_path": "a=x.jsonl,b=y.jsonl"}, "train": {"early_stopping": {"metric": "loss",
+                                                                                          "min_delta": 0.0}}}
+    assert report.best_metric({"config": cfg}, evals) == ("eval_a/loss", 0.0)  # only named sets: the first
+    assert report.best_step(evals, "eval_a/loss") == 30
+    cfg["train"]["early_stopping"]["min_delta"] = 0.1  # 1.45 does not beat 1.5 by more than 0.1
+    assert report.best_step(evals, *report.best_metric({"config": cfg}, evals)) == 20
+    assert report.best_metric({"best_metric": "b/loss", "config": cfg}, evals) == ("eval_b/loss", 0.1)
+    assert report.best_step(evals, "eval_b/loss") == 10
+    assert report.best_step(evals, "eval_a/accuracy") == 20  # higher is better
+    assert report.best_metric({}, {1: {"eval_loss": 1.0}}) == ("eval_loss", 0.0)
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    rows = [{"step": s, "loss": 3.0 - s / 20, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0} for s in range(1, 31)]
+    rows += [{"step": s, **v} for s, v in evals.items()]
+    (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (wd / "run_info.json").write_text(json.dumps({"total_steps": 30, "best_metric": "b/loss", "config": cfg}))
+    page = pathlib.Path(report.write_report(wd)).read_text()
+    assert "best step (lowest eval_b/loss)" in page
+    assert "<td><b>10</b></td><td><b>1</b></td>" in page  # the step-10 row in bold, eval_b/loss its first column
+    (wd / "run_info.json").write_text(json.dumps({"best_metric": "a/accuracy", "config": cfg}))
+    page = pathlib.Path(report.write_report(wd)).read_text()
+    assert "best step (highest eval_a/accuracy)" in page and "<td><b>20</b></td><td><b>0.7</b></td>" in page

@@ -112,13 +112,7 @@ def _is_fast(tokenizer) -> bool:
 def _spans_to_mask(tokenizer, text: str, spans: list[tuple[int, int]]):
     if _is_fast(tokenizer):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        offsets = enc["offset_mapping"]
-        tok_spans = []
-        for s0, s1 in spans:
-            idx = [i for i, (a, b) in enumerate(offsets) if b > s0 and a < s1]
-            tok_spans.append((idx[0], idx[-1] + 1) if idx else (0, 0))
-        return ids, tok_spans
+        return list(enc["input_ids"]), _offset_spans(enc["offset_mapping"], spans)
     ids = _ids(tokenizer, text)
     return ids, [_stream_span(tokenizer, text, ids, s0, s1) for s0, s1 in spans]
 
@@ -190,7 +184,11 @@ def encode(tokenizer, template: str, messages: list[dict], train_on: str = "all_
         ids, spans = prefix_diff_spans(tokenizer, template, messages, tools, source)
     else:
         raise ValueError(f"unknown mask method {method!r}")
-    mask = np.zeros(len(ids), np.int8)
+    return np.asarray(ids, np.int32), _mask(len(ids), spans, train_on)
+
+
+def _mask(n: int, spans, train_on: str) -> np.ndarray:
+    mask = np.zeros(n, np.int8)
     if train_on == "all":
         mask[:] = 1
     else:
@@ -198,7 +196,58 @@ def encode(tokenizer, template: str, messages: list[dict], train_on: str = "all_
             spans = spans[-1:]
         for a, b in spans:
             mask[a:b] = 1
-    return np.asarray(ids, np.int32), mask
+    return mask
+
+
+def _offset_spans(offsets, spans) -> list[tuple[int, int]]:
+    """Char spans -> token spans: the tokens overlapping a span (end > its start, start < its end), first to
+    last (transformers' `return_assistant_tokens_mask` rule).  A plain loop: faster than building a numpy
+    array from the offsets list."""
+    out = []
+    for s0, s1 in spans:
+        idx = [i for i, (a, b) in enumerate(offsets) if b > s0 and a < s1]
+        out.append((idx[0], idx[-1] + 1) if idx else (0, 0))
+    return out
+
+
+def encode_many(tokenizer, template: str, convs: list[dict], train_on: str = "all_assistant") -> list:
+    """`encode` of many conversations (dicts with "messages", optional "tools" and "source"), equal to
+    calling it on each: a fast tokenizer with a `{% generation %}` template renders each conversation and
+    tokenizes them all in one batched backend call (`_encode_batch`); other tokenizers/templates fall back to
+    `encode` per row."""
+    if train_on not in TRAIN_ON:
+        raise DataError(f"data.train_on={train_on!r} is not one of {list(TRAIN_ON)}")
+    if not convs:
+        return []
+    if not (_is_fast(tokenizer) and has_generation_markers(template)):
+        return [encode(tokenizer, template, c["messages"], train_on, tools=c.get("tools"), source=c.get("source", ""))
+                for c in convs]
+    texts, all_spans = [], []
+    for c in convs:
+        src = c.get("source", "")
+        messages = prepare_messages(template, c["messages"], c.get("tools"), src)
+        text, spans = render(tokenizer, template, messages, with_spans=True, tools=c.get("tools"), source=src)
+        texts.append(text)
+        all_spans.append(spans)
+    out = []
+    for ids, offsets, spans in zip(*_encode_batch(tokenizer, texts), all_spans):
+        out.append((np.asarray(ids, np.int32), _mask(len(ids), _offset_spans(offsets, spans), train_on)))
+    return out
+
+
+def _encode_batch(tokenizer, texts: list[str]) -> tuple[list, list]:
+    """-> (ids lists, offsets lists) of `texts` (no special tokens added), as
+    `tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)` gives them.  A transformers fast
+    tokenizer's Rust backend is called directly (one `encode_batch`, parallel in Rust; the wrapper's per-row
+    conversion to a BatchEncoding costs about as much as the tokenization itself): a one-row wrapper call first
+    puts the backend in the wrapper's state (no truncation or padding, special-token splitting)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+    tokenizer(texts[:1], add_special_tokens=False, return_offsets_mapping=True)
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encs], [e.offsets for e in encs]
 
 
 def render_marked(tokenizer, ids, mask, *, color: bool = False) -> str:

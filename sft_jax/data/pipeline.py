@@ -179,6 +179,20 @@ class TokenizeFn:
         return make_example(ids, mask, rec["source"], max_length=self.max_length, truncation=self.truncation,
                             tokenizer=self.tokenizer)
 
+    def many(self, recs: list[dict]) -> list[dict]:
+        """``[self(r) for r in recs]``, with the tokenizer called once for the batch (``masking.encode_many``)."""
+        todo = [r for r in recs if not r.get("skip")]
+        encoded = iter(masking.encode_many(self.tokenizer, self.template, todo, self.train_on))
+        out = []
+        for r in recs:
+            if r.get("skip"):
+                out.append(self(r))
+                continue
+            ids, mask = next(encoded)
+            out.append(make_example(ids, mask, r["source"], max_length=self.max_length, truncation=self.truncation,
+                                    tokenizer=self.tokenizer))
+        return out
+
 
 def make_example(ids, mask, source: str, *, max_length: int, truncation: str, tokenizer=None) -> dict:
     """Shift one tokenized conversation and apply the length policy."""
@@ -317,12 +331,36 @@ def _readers(entry: str, cfg_data, cache_blocks: int = 4) -> list[formats.Record
             for p in formats.expand_paths(entry)]
 
 
+# The last few files read whole, by path, stat and reader settings: the trainer reads one file for its epoch
+# count, the train iterator, the eval batches, the data accounting and the sample prompts (LIMA: ~2 ms a row
+# to parse each time).  Records are read-only downstream (TokenizeFn and the readers never mutate them).
+_LOADED: collections.OrderedDict = collections.OrderedDict()
+_LOADED_MAX = 4
+
+
+def _load_key(entry: str, cfg_data) -> tuple | None:
+    if not os.path.isfile(entry):  # directories, hf: ids: read each time
+        return None
+    st = os.stat(entry)
+    return (os.path.abspath(entry), st.st_ino, st.st_size, st.st_mtime_ns, cfg_data.format, cfg_data.system_prompt,
+            cfg_data.columns, cfg_data.reasoning, bool(getattr(cfg_data, "strict", False)))
+
+
 def _load(entry: str, cfg_data) -> list:
     """One ``data.path`` entry: every record in memory, or (``data.streaming``) a lazy sequence."""
     if not cfg_data.streaming:
-        return formats.load_conversations(entry, cfg_data.format, cfg_data.system_prompt,
+        key = _load_key(entry, cfg_data)
+        if key is not None and key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+        recs = formats.load_conversations(entry, cfg_data.format, cfg_data.system_prompt,
                                           columns=cfg_data.columns, reasoning=cfg_data.reasoning,
                                           strict=bool(getattr(cfg_data, "strict", False)), keep_skipped=True)
+        if key is not None:
+            _LOADED[key] = recs
+            while len(_LOADED) > _LOADED_MAX:
+                _LOADED.popitem(last=False)
+        return recs
     return _Concat(_readers(entry, cfg_data, cache_blocks=cfg_data.shuffle_window + 1))  # one window (+1 spare)
 
 
@@ -601,6 +639,9 @@ def build_eval_batches(cfg_data, tokenizer, *, global_batch_size: int, seed: int
     return batches, it.stats
 
 
+ENCODE_CHUNK = 256  # rows per batched tokenizer call of a pass in file order
+
+
 def examples_for_split(cfg_data, tokenizer, split: str = "train", *, seed: int = 0,
                        limit: int = 0, check: bool = True, keep: bool = True) -> tuple[list[dict], DataStats]:
     """Tokenize a split in file order (no shuffle, no sharding): a list of examples
@@ -613,13 +654,12 @@ def examples_for_split(cfg_data, tokenizer, split: str = "train", *, seed: int =
     stats = DataStats()
     out = []
     for group in split_records(cfg_data, split, seed):
-        for i in range(len(group)):
-            ex = fn(group[i])
-            stats.add(ex)
-            if keep and not ex["skip"]:
-                out.append(ex)
-            if limit and stats.rows >= limit:
-                break
+        n = len(group) if not limit else min(len(group), limit - stats.rows)
+        for start in range(0, n, ENCODE_CHUNK):  # tokenized a chunk at a time (TokenizeFn.many)
+            for ex in fn.many([group[i] for i in range(start, min(n, start + ENCODE_CHUNK))]):
+                stats.add(ex)
+                if keep and not ex["skip"]:
+                    out.append(ex)
         if limit and stats.rows >= limit:
             break
     if check:
@@ -630,35 +670,40 @@ def examples_for_split(cfg_data, tokenizer, split: str = "train", *, seed: int =
 # ----------------------------------------------------------------------- accounting
 
 ACCOUNT_STREAMING_ROWS = 10000  # data.streaming: the accounting pass reads this many rows per split
-# the trainer with train.steps > 0 (no epoch count to reuse): rows per split of its accounting pass at
-# start (a full pass costs ~1.4 ms a row on the 2-core CPU: 6 s for the tiny job's 4,200 rows)
-ACCOUNT_TRAIN_ROWS = 1000
 
 
 def account_data(cfg_data, tokenizer, *, seed: int = 0, limit: int | None = None,
-                 train_stats: DataStats | None = None, eval_configs: list | None = None) -> dict:
+                 train_stats: DataStats | None = None, eval_configs: list | None = None,
+                 eval_stats: dict | None = None) -> dict:
     """What the data readers make of ``data.*``: per split and per file, rows read, examples kept,
     skipped (by reason) and truncated, plus the directory entries that are not read.
 
-    One in-file-order pass over each split (``limit`` rows each; default: all, or
-    :data:`ACCOUNT_STREAMING_ROWS` with ``data.streaming``).  ``train_stats``: the stats of a pass
-    over the training split already made (the trainer's epoch count), reused instead of a second pass.
+    One in-file-order pass over each split (tokenized a chunk at a time, `TokenizeFn.many`), of every row
+    (``limit``: that many rows per split; default: all, or :data:`ACCOUNT_STREAMING_ROWS` with
+    ``data.streaming``: a split cut there is marked ``partial``).  ``train_stats``: the stats of a pass
+    over the training split already made (the trainer's epoch count), reused instead of a second pass;
+    ``eval_stats``: ``{name: DataStats}`` of complete passes over eval sets (the trainer's eval batches).
     ``eval_configs``: ``[(name, cfg_data)]`` of named eval sets (default: the one eval split of ``cfg_data``).
     Printed by :func:`format_accounting`; the trainer writes it into run_info.json."""
     if limit is None:
         limit = ACCOUNT_STREAMING_ROWS if cfg_data.streaming else 0
     out: dict = {"max_length": int(cfg_data.max_length), "truncation": cfg_data.truncation,
-                 "limit": int(limit) or None, "ignored": [], "splits": {}}
-    evals = [(f"eval {n}" if n else "eval", c) for n, c in (eval_configs or [("", cfg_data)])]
-    for spec in [cfg_data.path] + [c.eval_path for _, c in evals]:
+                 "limit": int(limit) or None, "ignored": [], "splits": {}, "partial": {}}
+    evals = [(n, f"eval {n}" if n else "eval", c) for n, c in (eval_configs or [("", cfg_data)])]
+    for spec in [cfg_data.path] + [c.eval_path for _, _, c in evals]:
         if spec:
             out["ignored"] += [f for f in sources.ignored_files(spec) if f not in out["ignored"]]
-    for split, cfg in [("train", cfg_data)] + evals:
-        if split == "train" and train_stats is not None:
-            stats = train_stats
+    for name, split, cfg in [(None, "train", cfg_data)] + evals:
+        reused = train_stats if split == "train" else (eval_stats or {}).get(name)
+        if split != "train" and reused is None and not cfg.eval_path and cfg.eval_fraction <= 0:
+            continue  # no eval split (reading the files would find no row of it)
+        if reused is not None:
+            stats = reused
         else:
             _, stats = examples_for_split(cfg, tokenizer, "train" if split == "train" else "eval", seed=seed,
                                           limit=limit, check=False, keep=False)
+            if limit and stats.rows >= limit:
+                out["partial"][split] = stats.rows
         if split != "train" and stats.rows == 0:
             continue
         summ = stats.summary()
@@ -673,11 +718,13 @@ def _skips(skipped: dict) -> str:
 
 def format_accounting(acc: dict, max_files: int = 8) -> str:
     """The short block the trainer prints at start (and ``sft_jax.data.inspect`` shows)."""
-    lim = f", first {acc['limit']} rows per split" if acc.get("limit") else ""
-    lines = [f"data (max_length {acc['max_length']}, truncation={acc['truncation']}{lim}):"]
+    lines = [f"data (max_length {acc['max_length']}, truncation={acc['truncation']}):"]
     for split, st in acc["splits"].items():
         n_skip = sum(st["skipped"].values())
-        line = f"  {split}: {st['rows']} rows read -> {st['examples']} examples kept"
+        partial = (acc.get("partial") or {}).get(split)
+        line = f"  {split}: {st['rows']} rows read" + (
+            f" (partial: its first {partial} rows; a streaming source is not counted up front)" if partial else "")
+        line += f" -> {st['examples']} examples kept"
         line += f", {n_skip} skipped ({_skips(st['skipped'])})" if n_skip else ", 0 skipped"
         line += f", {st['truncated']} truncated" if st["truncated"] else ""
         lines.append(line)

@@ -1,6 +1,6 @@
 """Serve a trained work directory or a Hugging Face model with an OpenAI-compatible HTTP API.
 
-    python -m sft_jax.serve --workdir=DIR [--step=N] | --model=HF_DIR [--adapters=name=DIR,...]
+    python -m sft_jax.serve --workdir=DIR [--step=N|latest|best] | --model=HF_DIR [--adapters=name=DIR,...]
         [--host=127.0.0.1] [--port=8000] [--served_model_name=NAME]
         [--max_batch=8] [--max_model_len=N] [--max_queue=64] [--tensor_parallel=1] [--dtype=float32|bfloat16]
 
@@ -32,7 +32,7 @@ from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
 from sft_jax.peft import PeftFormatError
 from sft_jax.serve.server import DrainingServer, build_models, create_app
 from sft_jax.sharding import ShardingError, tensor_parallel_mesh
-from sft_jax.workdir import check_workdir
+from sft_jax.workdir import STEP_HELP, check_workdir, parse_step
 
 PROG = "python -m sft_jax.serve"
 log = logging.getLogger("sft_jax.serve")
@@ -42,7 +42,7 @@ def _parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a Hugging Face model directory")
     p.add_argument("--workdir", default=None, help="a training work directory")
-    p.add_argument("--step", type=int, default=None, help="--workdir checkpoint step (default: the latest)")
+    p.add_argument("--step", default=None, help=STEP_HELP)
     p.add_argument("--served_model_name", default=None, help="model id (default: the directory's name)")
     p.add_argument("--adapters", default="", help="name=DIR,... : work directories or PEFT adapter directories")
     p.add_argument("--host", default="127.0.0.1")
@@ -63,6 +63,7 @@ def _check_args(args) -> None:
         raise UsageError("give exactly one of --model=HF_DIR or --workdir=DIR")
     if args.step is not None and args.workdir is None:
         raise UsageError("--step needs --workdir")
+    parse_step(args.step)  # N | latest | best, the resolver of export/generate/eval (WorkdirError: exit 2)
     for name in ("max_batch", "max_queue", "tensor_parallel"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
