@@ -301,10 +301,15 @@ def _load_model(ctx: Context, hf_cfg) -> ModelParts:
                                                   None if added else method.load_transform(), tokenizer)
     if added:
         base_dir = ctx.workdir / "base_model"
-        params, model_config = _resize_vocab(params, model_config, len(tokenizer))
+        # a model whose embedding already has rows past the tokenizer (padded vocabularies: Gemma, Qwen) takes
+        # the new ids as they are; only a smaller one grows (never shrinks: the rows past the tokenizer stay)
+        grow = len(tokenizer) > model_config.vocab_size
+        if grow:
+            params, model_config = _resize_vocab(params, model_config, len(tokenizer))
         if ctx.is_main:
-            log.warning("added %d template tokens %s: vocab resized to %d; the resized base is saved in %s",
-                        len(added), added, len(tokenizer), base_dir)
+            log.warning("added %d template tokens %s: %s; the base with the new tokenizer is saved in %s",
+                        len(added), added, f"vocab resized to {len(tokenizer)}" if grow else
+                        f"their ids fit the model's {model_config.vocab_size}-row embedding (not resized)", base_dir)
         # the resized base is deterministic (mean-initialised rows): written once, reused on resume
         if not distributed.broadcast_from_main(int((base_dir / "config.json").exists())):
             _save_base(base_dir, model_config, params, tokenizer, ctx.is_main)
