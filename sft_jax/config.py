@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("flash", "dense", "pallas"),
     "model.kernels": ("auto", "reference", "cpu", "tokamax"),
-    "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
+    "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "bitfit"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
     "peft.qlora.quant_type": ("nf4", "int8"),
@@ -160,6 +160,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.peft.ia3 = ml_collections.ConfigDict()
     c.peft.ia3.targets = "k_proj,v_proj,down_proj"  # modules scaled (the lora targets syntax)
     c.peft.ia3.feedforward = "down_proj"  # of those, the ones whose input (not output) is scaled; "" = none
+    # BitFit: only biases train (the base's where it has one, else zero-initialised)
+    c.peft.bitfit = ml_collections.ConfigDict()
+    c.peft.bitfit.targets = "all-linear"  # projections with a trained bias (the lora targets syntax)
 
     # -------------------------------------------------------------- neftune
     c.neftune = ml_collections.ConfigDict()

@@ -5,7 +5,8 @@
 
 * `merged`: plain weights from the run's fine-tuning method (`Method.merge`: e.g. LoRA's update
   merged into the base; full fine-tuning: the trained weights; a method that cannot be merged
-  says why), written by `save_hf` (config.json of the original family, safetensors sharded with an
+  says why), written by `save_hf` with the method's `merged_config` (BitFit turns on bias flags;
+  config.json of the original family, safetensors sharded with an
   index above --max_shard_mb; the text part of a multimodal Gemma 3 is written back as the same
   Gemma3ForConditionalGeneration, its vision tower and projector copied from the base), plus the run's tokenizer files (with the chat template used in
   training) and a `generation_config.json` whose `eos_token_id` lists the end-of-turn token and
@@ -79,11 +80,12 @@ def export_merged(run, out: str, *, dtype: str = "float32", max_shard_bytes: int
     """Write the merged HF directory for a loaded `Run`; returns the safetensors files."""
     from sft_jax.models.hf_io import save_hf
     params = run.merged_params()
+    config = run.merged_config()  # the method may need other flags in config.json (BitFit: biases)
     os.makedirs(out, exist_ok=True)
-    files = save_hf(out, run.model_config, params, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    files = save_hf(out, config, params, dtype=dtype, max_shard_bytes=max_shard_bytes)
     copy_tokenizer(run.tokenizer_path, out)
     with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump(generation_config(run.model_config, run.eos_ids, run.tokenizer), f, indent=2)
+        json.dump(generation_config(config, run.eos_ids, run.tokenizer), f, indent=2)
     return files
 
 

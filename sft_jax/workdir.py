@@ -237,6 +237,10 @@ class Run:
         """Plain weights (`Method.merge`; raises `peft.NotMergeable` with the reason)."""
         return self.method.merge(self.trainable, self.frozen, self.model_config)
 
+    def merged_config(self):
+        """The ModelConfig of `merged_params` (`Method.merged_config`: e.g. BitFit's bias flags)."""
+        return self.method.merged_config(self.trainable, self.model_config)
+
     def chat_template(self) -> str | None:
         """The jinja template training rendered with (built-in by name, else the tokenizer's)."""
         if self.template:

@@ -266,8 +266,9 @@ def linear(hooks: Hooks, call: LinearCall) -> Array:
                     float(lr.scale))
     if lr.out_scale is not None:
         y = (y * lr.out_scale).astype(dt)
-    if call.bias is not None:
-        y = y + call.bias.astype(dt)
+    b = hooks.bias(call)
+    if b is not None:
+        y = y + b.astype(dt)
     return y
 
 
@@ -316,9 +317,9 @@ def fused(hooks: Hooks, calls: Sequence[LinearCall], shapes: Sequence[tuple], ax
             col = cat([jnp.ones(sh, F32) if lr is None or lr.out_scale is None else lr.out_scale.astype(F32).reshape(sh)
                        for lr, sh in zip(lrs, shapes)], 0)
             y = (y * col).astype(dt)
-    if any(c.bias is not None for c in calls):
-        y = y + cat([jnp.zeros(sh, dt) if c.bias is None else c.bias.astype(dt).reshape(sh)
-                     for c, sh in zip(calls, shapes)], 0)
+    biases = [hooks.bias(c) for c in calls]
+    if any(b is not None for b in biases):
+        y = y + cat([jnp.zeros(sh, dt) if b is None else b.astype(dt).reshape(sh) for b, sh in zip(biases, shapes)], 0)
     return y
 
 

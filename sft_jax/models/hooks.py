@@ -1,14 +1,15 @@
 """The model's extension points: where a fine-tuning method (sft_jax.peft) changes the forward pass.
 
-The reference model (`models/llama.py`) knows no method. It calls a `Hooks` object at six points;
+The reference model (`models/llama.py`) knows no method. It calls a `Hooks` object at the points below;
 `Hooks` itself is the identity everywhere (the plain model), and a method (`peft.base.Method`)
 subclasses it and overrides only the points it needs:
 
 ====================  ==========================================  ===============================
 point                 called                                      used by (this wave / issue 20)
 ====================  ==========================================  ===============================
-`linear(call)`        every projection (q/k/v/o, gate/up/down)    LoRA, rsLoRA, DoRA, QLoRA, IA3,
-                                                                  BitFit
+`linear(call)`        every projection (q/k/v/o, gate/up/down)    LoRA, rsLoRA, DoRA, QLoRA, IA3
+`bias(call)`          inside the default `linear` and the fused   BitFit (the trained bias)
+                      kernels: the projection's bias
 `base_kernel(call)`   inside the default `linear`: the frozen     QLoRA (dequantise NF4/int8 codes)
                       [in, out] kernel in the compute dtype
 `low_rank(call)`      by a fused-projection kernel (optional)     LoRA family: `x W + s (x A) B`
@@ -155,12 +156,19 @@ class Hooks:
                              f"method {self.name!r} does not supply one")
         return call.kernel.astype(call.dtype)
 
+    def bias(self, call: LinearCall) -> Array | None:
+        """The projection's bias [out] (any float dtype; the caller casts) or None. Default:
+        `call.bias`. Read by the default `linear` and by the fused kernels, so a method that only
+        changes biases (BitFit) overrides this and stays `fusable`."""
+        return call.bias
+
     def linear(self, call: LinearCall) -> Array:
         """The projection's output [..., out] in the compute dtype. Default: `x W + b`."""
         dt = call.dtype
         y = call.matmul(call.x.astype(dt), self.base_kernel(call))
-        if call.bias is not None:
-            y = y + call.bias.astype(dt)
+        b = self.bias(call)
+        if b is not None:
+            y = y + b.astype(dt)
         return y
 
     def low_rank(self, call: LinearCall) -> LowRank | None:
@@ -174,7 +182,8 @@ class Hooks:
         """Whether a fused kernel may compute this projection as `x @ base_kernel + b (+ low_rank)`.
         Default: True when the method leaves the projection alone (no `METHOD` variables) or
         states it as `low_rank`; methods with another `linear` must return False for the
-        projections they change (the model then calls `linear` per projection)."""
+        projections they change (the model then calls `linear` per projection). A method that
+        changes only `bias` may return True (the fused kernels add `bias(call)`)."""
         return not call.has(METHOD) or self.low_rank(call) is not None
 
     def embed(self, x: Array, input_ids: Array, positions: Array, segment_ids: Array,

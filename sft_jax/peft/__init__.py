@@ -10,6 +10,7 @@ is one module here, one line in `METHODS`, and its `peft.<name>` fields in `sft_
 from __future__ import annotations
 
 from sft_jax.peft.base import Method, MethodConfigError, NotMergeable, PeftFormatError, count_params
+from sft_jax.peft.bitfit import BitFit
 from sft_jax.peft.dora import Dora
 from sft_jax.peft.full import Full
 from sft_jax.peft.ia3 import IA3
@@ -32,6 +33,7 @@ METHODS: dict[str, type[Method]] = {
     PTuning.name: PTuning,
     PrefixTuning.name: PrefixTuning,
     IA3.name: IA3,
+    BitFit.name: BitFit,
 }
 
 

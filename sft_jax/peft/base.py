@@ -155,6 +155,13 @@ class Method(Hooks):
         `NotMergeable` with the reason."""
         raise NotMergeable(f"method {self.name!r} has no merge")
 
+    def merged_config(self, trainable: Params, model_config):
+        """The ModelConfig the merged export writes (its config.json) for `merge`'s weights. Default:
+        `model_config`; a method whose merged weights need other flags (BitFit: biases on bias-free
+        projections) returns the widened config, or raises `NotMergeable` naming what the family's
+        config cannot express."""
+        return model_config
+
     def count_trainable(self, trainable: Params) -> int:
         """Number of trained scalars."""
         return count_params(trainable)

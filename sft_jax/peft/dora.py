@@ -142,7 +142,7 @@ class Dora(Lora):
         x = call.x.astype(call.dtype)
         x_dropped = None if call.deterministic or self.dropout == 0 else dropout(x, self.dropout, call)
         return dora_linear(x, self.base_kernel(call), a, call.get("B"), call.get("magnitude"), self.scale,
-                           bias=call.bias, x_dropped=x_dropped, matmul=call.matmul)
+                           bias=self.bias(call), x_dropped=x_dropped, matmul=call.matmul)
 
     def merge(self, trainable: Params, frozen: Params, model_config) -> Params:
         def walk(node, ad):

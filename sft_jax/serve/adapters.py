@@ -26,7 +26,7 @@ import numpy as np
 
 from sft_jax.models.hooks import METHOD, METHOD_FROZEN, Hooks, LinearCall, LowRank, reference_matmul
 
-_OTHER_POINTS = ("base_kernel", "embed", "attention_kv", "sublayer_out", "final_hidden")
+_OTHER_POINTS = ("base_kernel", "bias", "embed", "attention_kv", "sublayer_out", "final_hidden")
 
 
 class NotStackable(ValueError):
