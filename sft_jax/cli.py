@@ -63,6 +63,7 @@ BAD_INPUT = (
     "sft_jax.report:ReportError", "sft_jax.data.quality:QualityError", "sft_jax.serve.adapters:NotStackable",
     "sft_jax.serve.engine:ContextLengthError", "sft_jax.generate:ContextLengthError", "jinja2.exceptions:TemplateError",
     "safetensors_rust:SafetensorError", "absl.flags._exceptions:Error",
+    "sft_jax.adapter_format:AdapterFormatError",
 )
 # A failed run -> exit 1.
 FAILED = (

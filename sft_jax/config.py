@@ -26,11 +26,13 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.remat": ("none", "full", "save_dots"),
     "model.attention": ("flash", "dense", "pallas"),
     "model.kernels": ("auto", "reference", "cpu", "tokamax"),
-    "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "bitfit"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
+    "peft.method": ("full", "lora", "qlora", "dora", "pissa", "qdora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3", "bitfit", "bottleneck"),  # the names of sft_jax.peft.METHODS (a test keeps them equal)
     "checkpoint.resume": ("auto", "none"),
     "model.init": ("pretrained", "tiny"),
     "peft.qlora.quant_type": ("nf4", "int8"),
     "peft.prompt_tuning.init_from": ("random", "vocab", "text"),
+    "peft.bottleneck.style": ("houlsby", "pfeiffer"),
+    "peft.bottleneck.activation": ("auto", "relu", "silu", "gelu", "tanh"),
     "peft.qlora.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),
 }
 
@@ -163,6 +165,12 @@ def default_config() -> ml_collections.ConfigDict:
     # BitFit: only biases train (the base's where it has one, else zero-initialised)
     c.peft.bitfit = ml_collections.ConfigDict()
     c.peft.bitfit.targets = "all-linear"  # projections with a trained bias (the lora targets syntax)
+    # bottleneck adapters (peft/bottleneck.py), AdapterHub's DoubleSeqBn (houlsby) / SeqBn (pfeiffer) placement
+    c.peft.bottleneck = ml_collections.ConfigDict()
+    c.peft.bottleneck.style = "houlsby"  # houlsby: after attention and MLP | pfeiffer: after the MLP only
+    c.peft.bottleneck.size = 0  # bottleneck width m; 0 = hidden_size // reduction_factor
+    c.peft.bottleneck.reduction_factor = 16.0  # AdapterHub's default for both styles
+    c.peft.bottleneck.activation = "auto"  # auto = the style's AdapterHub default (houlsby silu, pfeiffer relu)
 
     # -------------------------------------------------------------- neftune
     c.neftune = ml_collections.ConfigDict()
@@ -223,6 +231,7 @@ BOUNDS: dict[str, str] = {
     "model.attention_block": ">= 0", "neftune.alpha": ">= 0", "train.log_every": "> 0",
     "train.early_stopping.patience": ">= 0", "train.early_stopping.min_delta": ">= 0",
     "train.loss_spike.factor": ">= 0", "train.loss_spike.window": "> 0",
+    "peft.bottleneck.size": ">= 0", "peft.bottleneck.reduction_factor": "> 0",
     **{f"model.tiny.{k}": "> 0" for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
                                            "num_kv_heads", "vocab_size", "max_position_embeddings")},
 }

@@ -2,6 +2,7 @@
 
     python -m sft_jax.export --workdir=DIR [--step=N|latest|best] --out=DIR --format=merged|peft [--dtype=bfloat16|float32]
     python -m sft_jax.export --workdir=DIR [--step=N|latest|best] --out=DIR --format=gguf [--dtype=f16|bf16|q8_0|f32]
+    python -m sft_jax.export --workdir=DIR [--step=N|latest|best] --out=DIR --format=adapter [--dtype=float32|bfloat16]
 
 * `merged`: plain weights from the run's fine-tuning method (`Method.merge`: e.g. LoRA's update
   merged into the base; full fine-tuning: the trained weights; a method that cannot be merged
@@ -17,6 +18,9 @@
 * `gguf`: `DIR/model-<dtype>.gguf` for llama.cpp / Ollama / transformers (`gguf_file=`): the merged
   export (float32, in a temporary directory) converted by `sft_jax.gguf_export.write_gguf`, with the
   tokenizer, special tokens and chat template in its metadata (default dtype f16).
+* `adapter`: sft_jax's own adapter format for any method with a frozen base (`sft_jax.adapter_format`:
+  `adapter.safetensors` + `sft_jax_adapter.json` + the tokenizer files; default dtype float32), loaded by
+  `python -m sft_jax.generate --model=BASE --adapter=DIR`; the one export of bottleneck adapters.
 
 Every format is written into a staging directory beside --out and renamed into place when
 complete (`sft_jax.staged_dir`; files 0644): a non-empty --out is refused unless --overwrite, which
@@ -37,7 +41,7 @@ from sft_jax.cli import OneLineArgumentParser, UsageError, run_cli
 from sft_jax.staged_dir import TargetExistsError, check_target, staged_dir  # noqa: F401
 from sft_jax.workdir import STEP_HELP
 
-FORMATS = ("merged", "peft", "gguf")
+FORMATS = ("merged", "peft", "gguf", "adapter")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -47,7 +51,7 @@ def _parser() -> OneLineArgumentParser:
     p.add_argument("--step", default=None, help=STEP_HELP)
     p.add_argument("--out", required=True, help="output directory (must be empty or new, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whole")
-    p.add_argument("--format", required=True, help="merged | peft | gguf")
+    p.add_argument("--format", required=True, help="merged | peft | gguf | adapter")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the run's model.param_dtype); "
                    "gguf: f16 | bf16 | q8_0 | f32 (default f16)")
     p.add_argument("--max_shard_mb", type=float, default=5 * 1024, help="merged: shard size limit in MiB")
@@ -97,6 +101,17 @@ def export_peft(run, out: str, *, dtype: str = "float32") -> list[str]:
     return modules
 
 
+def export_adapter(run, out: str, *, dtype: str = "float32") -> dict:
+    """Write sft_jax's adapter directory of a loaded `Run` (`sft_jax.adapter_format`); returns its JSON."""
+    from sft_jax.adapter_format import save_adapter
+
+    meta = save_adapter(out, method=run.method, trainable=run.trainable, model_config=run.model_config,
+                        base_model=run.base_model, seed=int((run.config_dict.get("train") or {}).get("seed", 0)),
+                        step=run.step, template=run.template, eos_ids=run.eos_ids, dtype=dtype)
+    copy_tokenizer(run.tokenizer_path, out)
+    return meta
+
+
 def export_gguf(run, out: str, *, dtype: str = "f16"):
     """Write `<out>/model-<dtype>.gguf` for a loaded `Run`; returns the `GGUFSummary`."""
     from sft_jax.gguf_export import write_gguf
@@ -125,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     from sft_jax.workdir import check_workdir
 
     run_json, step, _ = check_workdir(args.workdir, args.step)  # cheap checks before jax loads
-    dtype = args.dtype or ("f16" if args.format == "gguf" else run_json["model"].get("param_dtype", "float32"))
+    dtype = args.dtype or {"gguf": "f16", "adapter": "float32"}.get(args.format) or run_json["model"].get(
+        "param_dtype", "float32")
+    if args.format == "adapter":  # refuse before the base loads
+        from sft_jax import peft
+
+        if not peft.get(str(run_json["peft"].get("method"))).needs_base_weights:
+            raise UsageError(f"--format=adapter: method {run_json['peft'].get('method')!r} trains every weight "
+                             "(no frozen base), so there is no adapter: use --format=merged")
 
     from sft_jax.workdir import load_run
 
@@ -145,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             fallback = f"; F16 (rows not a multiple of 32): {', '.join(s.f16_fallback)}" if s.f16_fallback else ""
             done = (f"wrote GGUF ({s.arch}, {s.tokenizer_model} vocab of {s.n_tokens}) of step {run.step} to "
                     f"{os.path.join(args.out, os.path.basename(s.path))} ({dtype}{fallback})")
+        elif args.format == "adapter":
+            meta = export_adapter(run, tmp, dtype=dtype)
+            done = (f"wrote sft_jax adapter of step {run.step} to {args.out} ({meta['describe']}, "
+                    f"{meta['trainable_params']} parameters, {dtype}; load with sft_jax.generate "
+                    f"--model={run.base_model} --adapter={args.out})")
         else:
             modules = export_peft(run, tmp, dtype=dtype)
             done = (f"wrote peft adapter of step {run.step} to {args.out} ({run.method.describe()}, "

@@ -19,8 +19,11 @@ template's format) to each result.  `--interactive`: a multi-turn chat on stdin 
 (`/reset` clears it, `/exit` or EOF ends).  `--tensor_parallel=N` shards the weights over N devices
 (heads / MLP / vocab, `sharding.LOGICAL_RULES`) for a model that does not fit one.
 
-`--adapter` (with --model) applies a PEFT adapter directory unmerged (`sft_jax.peft.load_peft_adapter`:
-LoRA / DoRA, prompt tuning, P-tuning, prefix tuning; e.g. what `sft_jax.export --format=peft` wrote).
+`--adapter` (with --model) applies an adapter directory unmerged: sft_jax's own format (a directory with
+`sft_jax_adapter.json`, what `sft_jax.export --format=adapter` wrote, any method with a frozen base:
+`sft_jax.adapter_format.load_adapter`, which checks the base's shapes and fingerprint and uses the run's
+tokenizer, template and stop ids), else a PEFT adapter directory (`sft_jax.peft.load_peft_adapter`: LoRA /
+DoRA, prompt tuning, P-tuning, prefix tuning; e.g. what `sft_jax.export --format=peft` wrote).
 
 Bad arguments print one line on stderr and exit with code 2.
 """
@@ -250,7 +253,8 @@ def load_workdir(workdir: str, step: int | str | None = None, *, param_dtype: st
 def _parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a Hugging Face model directory")
-    p.add_argument("--adapter", default=None, help="with --model: a PEFT adapter directory to apply (unmerged)")
+    p.add_argument("--adapter", default=None, help="with --model: an adapter directory to apply (unmerged): "
+                   "sft_jax's (export --format=adapter) or PEFT's")
     p.add_argument("--workdir", default=None, help="a training work directory")
     p.add_argument("--step", default=None, help=STEP_HELP)
     p.add_argument("--prompt", action="append", default=[], help="user message (repeat for a batch)")
@@ -328,13 +332,20 @@ def _load(args) -> Generator:
         check_model_dir(args.model)
         gen = load_model_dir(args.model, param_dtype=args.dtype or "float32")
         if args.adapter is not None:
+            from sft_jax import adapter_format
             from sft_jax.peft import PeftFormatError, load_peft_adapter
 
             try:
-                trainable, gen.method = load_peft_adapter(args.adapter, gen.config)
+                if adapter_format.is_adapter_dir(args.adapter):  # sft_jax's own format (export --format=adapter)
+                    gen.method, trainable, frozen, gen.config, meta = adapter_format.load_adapter(
+                        args.adapter, args.model, gen.config, gen.params)
+                    _use_adapter_tokenizer(gen, args.adapter, meta)
+                else:
+                    trainable, gen.method = load_peft_adapter(args.adapter, gen.config)
+                    frozen = gen.params
             except (OSError, ValueError, PeftFormatError) as e:
                 raise UsageError(f"--adapter={args.adapter}: {e}") from None
-            gen.params, gen.method_vars = gen.method.model_inputs(trainable, gen.params)
+            gen.params, gen.method_vars = gen.method.model_inputs(trainable, frozen)
             gen.name = f"{args.model}+{args.adapter}"
     else:
         from sft_jax.workdir import check_workdir
@@ -343,6 +354,23 @@ def _load(args) -> Generator:
         gen = load_workdir(args.workdir, args.step, param_dtype=args.dtype)
     gen.mesh = mesh
     return gen
+
+
+def _use_adapter_tokenizer(gen: Generator, adapter_dir: str, meta: dict) -> None:
+    """An sft_jax adapter directory carries the run's tokenizer, template name and stop ids: generate as the
+    work directory does."""
+    if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        gen.tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        t = getattr(gen.tokenizer, "chat_template", None)
+        gen.template = (t.get("default") if isinstance(t, dict) else t) or None
+    if meta.get("template"):
+        from sft_jax.data.templates import get_template
+
+        gen.template = get_template(meta["template"])
+    if meta.get("eos_ids"):
+        gen.eos_ids = [int(i) for i in meta["eos_ids"]]
 
 
 def _interactive(gen: Generator, args, stdin=None, stdout=None) -> None:

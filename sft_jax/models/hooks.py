@@ -126,6 +126,15 @@ class LowRank(NamedTuple):
     out_scale: Array | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class SublayerSite(Site):
+    """The site of `sublayer_out`: a decoder layer's (`layers_i`, or `layers` inside a scan) plus
+    `residual` [B, T, D], the residual stream the sublayer output is added to (AdapterHub's Pfeiffer
+    adapter reads `residual + h`)."""
+
+    residual: Array = None
+
+
 class Prefix(NamedTuple):
     """Extra key/value slots a layer's queries attend to (prefix tuning): k, v [B, P, KV, hd],
     already in the rotated (post-RoPE) space; every non-padding query of a row sees all P slots."""
@@ -199,9 +208,9 @@ class Hooks:
         no prefix."""
         return k, v, None
 
-    def sublayer_out(self, kind: str, h: Array, site: Site) -> Array:
+    def sublayer_out(self, kind: str, h: Array, site: SublayerSite) -> Array:
         """Per layer: `kind` "attn" or "mlp", h [B, T, D] the sublayer output before its residual
-        add -> h. Default: unchanged."""
+        add (`site.residual` the stream it is added to) -> h. Default: unchanged."""
         return h
 
     def final_hidden(self, x: Array, site: Site) -> Array:

@@ -60,7 +60,7 @@ from sft_jax.models import rope as rope_lib
 from sft_jax.models.config import ModelConfig
 import dataclasses
 
-from sft_jax.models.hooks import COLLECTIONS, NO_HOOKS, SHARED_SEGMENT, Hooks, LinearCall, Site, reference_matmul
+from sft_jax.models.hooks import COLLECTIONS, NO_HOOKS, SHARED_SEGMENT, Hooks, LinearCall, Site, SublayerSite, reference_matmul
 
 Array = Any
 F32 = jnp.float32
@@ -208,6 +208,11 @@ class _Base(nn.Module):
     def site(self) -> Site:
         return Site(variables=_site_variables(self), path=tuple(self.path), dtype=self.dt,
                     deterministic=self.deterministic, make_rng=lambda: self.make_rng("dropout"))
+
+    def sublayer_site(self, residual) -> SublayerSite:
+        return SublayerSite(variables=_site_variables(self), path=tuple(self.path), dtype=self.dt,
+                            deterministic=self.deterministic, make_rng=lambda: self.make_rng("dropout"),
+                            residual=residual)
 
     def sub(self, cls, name):
         return cls(config=self.config, hooks=self.hooks, deterministic=self.deterministic, name=name)
@@ -357,14 +362,14 @@ class DecoderLayer(_Base):
         h, new_cache = self.sub(Attention, "attn")(self.norm("input_norm")(x), rope, mask, cache_index, cache, sliding)
         if c.gemma:  # Gemma: post-attention norm on the sublayer output, then a pre-MLP norm
             h = self.norm("post_attn_norm")(h)
-            x = x + self.hooks.sublayer_out("attn", h, self.site())
+            x = x + self.hooks.sublayer_out("attn", h, self.sublayer_site(x))
             h = self.norm("post_ffw_norm")(self.sub(Mlp, "mlp")(self.norm("pre_ffw_norm")(x)))
-            x = x + self.hooks.sublayer_out("mlp", h, self.site())
+            x = x + self.hooks.sublayer_out("mlp", h, self.sublayer_site(x))
             x = _wlc(x, ("act_batch", "act_length", "act_embed"))
             return x, new_cache
-        x = x + self.hooks.sublayer_out("attn", h, self.site())
+        x = x + self.hooks.sublayer_out("attn", h, self.sublayer_site(x))
         h = self.sub(Mlp, "mlp")(self.norm("post_attn_norm")(x))
-        x = x + self.hooks.sublayer_out("mlp", h, self.site())
+        x = x + self.hooks.sublayer_out("mlp", h, self.sublayer_site(x))
         x = _wlc(x, ("act_batch", "act_length", "act_embed"))
         return x, new_cache
 

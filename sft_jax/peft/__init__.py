@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from sft_jax.peft.base import Method, MethodConfigError, NotMergeable, PeftFormatError, count_params
 from sft_jax.peft.bitfit import BitFit
+from sft_jax.peft.bottleneck import Bottleneck
 from sft_jax.peft.dora import Dora
 from sft_jax.peft.full import Full
 from sft_jax.peft.ia3 import IA3
@@ -34,6 +35,7 @@ METHODS: dict[str, type[Method]] = {
     PrefixTuning.name: PrefixTuning,
     IA3.name: IA3,
     BitFit.name: BitFit,
+    Bottleneck.name: Bottleneck,
 }
 
 
