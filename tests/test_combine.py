@@ -130,14 +130,15 @@ def fixed_masks(monkeypatch):
 
 @pytest.fixture
 def numpy_svd(monkeypatch):
-    """PEFT's torch.linalg.svd answered by numpy's, for two cases where two LAPACKs (torch: MKL,
-    numpy: OpenBLAS) legitimately differ: `svd_clamp` clips at a quantile of the factors' entries,
-    which depends on the signs chosen for the singular vectors; and the pruned updates of the
+    """PEFT's torch.linalg.svd answered by numpy's with our sign convention (`canonical_signs`),
+    for two cases where two LAPACKs (torch: MKL, numpy: OpenBLAS) legitimately differ: `svd_clamp`
+    clips at a quantile of the factors' entries, which depends on the signs chosen for the singular
+    vectors (MKL's are not ours); and the pruned updates of the
     `*_svd` types are full rank, their spectrum can have near-equal values at the cut, where the
     two float32 truncations differ by ~1e-5 (seen: dare_ties_svd, 1.2e-5). Plain `svd` (a low-rank
     sum) is compared with PEFT's own SVD."""
     def svd(x, full_matrices=True, driver=None):
-        u, s, vh = np.linalg.svd(x.detach().numpy(), full_matrices=full_matrices)
+        u, s, vh = C.canonical_signs(*np.linalg.svd(x.detach().numpy(), full_matrices=False))
         return torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh)
 
     monkeypatch.setattr(torch.linalg, "svd", svd)
@@ -222,6 +223,31 @@ def test_dare_seed_and_single_adapter(ours):
     t, lora = C.combine([a], [1.0], "svd", rank=None)
     for (p, x), (_, y) in zip(adapter_leaves(t), adapter_leaves(a.tree)):
         assert rel(lora.scale * x["A"] @ x["B"], a.scale * np.asarray(y["A"]) @ np.asarray(y["B"])) < 1e-6, p
+
+
+def test_scanned_trees_and_low_rank_svd(ours):
+    """A scanned tree ([layers, ...] leaves) combines layer by layer as the unscanned one; the
+    low-rank SVD path of `svd` (QR of the factors) == the dense SVD of the summed update."""
+
+    def scan(tree):
+        layers = [tree[f"layers_{i}"] for i in range(2)]
+        return {"layers": jax.tree.map(lambda *x: np.stack(x), *layers)}
+
+    adapters = [ours[k] for k in "abc"]
+    scanned = [C.Adapter(scan(a.tree), a.rank, a.alpha, name=a.name, base=a.base) for a in adapters]
+    for kind, kw in (("svd", {"rank": 3}), ("cat", {}), ("ties_svd", {"density": 0.5})):
+        t1, _ = C.combine(adapters, [0.5, 0.3, 0.8], kind, **kw)
+        t2, _ = C.combine(scanned, [0.5, 0.3, 0.8], kind, **kw)
+        for (p, x), (_, y) in zip(adapter_leaves(scan(t1)), adapter_leaves(t2)):
+            assert rel(y["A"], x["A"]) < 1e-6 and rel(y["B"], x["B"]) < 1e-6, (kind, p)
+    rng = np.random.default_rng(0)
+    bs = [rng.standard_normal((40, r)).astype(np.float32) for r in (4, 2)]
+    as_ = [rng.standard_normal((r, 24)).astype(np.float32) for r in (4, 2)]
+    u, s, vh = C._low_rank_svd(bs, as_)
+    du, ds, dvh = C.canonical_signs(*np.linalg.svd(sum(b @ a for b, a in zip(bs, as_)), full_matrices=False))
+    assert u.shape == (40, 6) and vh.shape == (6, 24)
+    assert rel(s, ds[:6]) < 1e-5 and rel(u, du[:, :6]) < 1e-4 and rel(vh, dvh[:6]) < 1e-4
+    assert rel((u * s) @ vh, sum(b @ a for b, a in zip(bs, as_))) < 1e-5
 
 
 def test_rslora_inputs_give_the_unscaled_combination(base_dir, tmp_path, config):

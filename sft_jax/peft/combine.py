@@ -138,6 +138,27 @@ def _merge_tensors(kind: str, tensors: list[np.ndarray], w: np.ndarray, density,
     return _weighted(ts, w).sum(axis=0)
 
 
+def canonical_signs(u: np.ndarray, s: np.ndarray, vh: np.ndarray):
+    """Singular vectors with a sign convention (the largest-magnitude entry of each row of vh is
+    positive; u's column flipped with it): LAPACKs choose signs differently (numpy's OpenBLAS and
+    torch's MKL disagree on most vectors), and `svd_clamp`'s quantile depends on them."""
+    k = min(u.shape[1], vh.shape[0])
+    u, vh = u[:, :k], vh[:k]
+    flip = np.where(vh[np.arange(k), np.argmax(np.abs(vh), axis=1)] < 0, -1, 1).astype(vh.dtype)
+    return u * flip[None, :], s[:k], vh * flip[:, None]
+
+
+def _low_rank_svd(bs: list[np.ndarray], as_: list[np.ndarray]):
+    """SVD of sum_i b_i @ a_i (b_i [out, r_i], a_i [r_i, in]) without forming the [out, in] matrix:
+    QR of [b_1 .. b_n] and of [a_1; ..; a_n]^T, then the SVD of the small R x R core (R = sum r_i).
+    Equal to the dense SVD's leading R triplets (up to float rounding; signs by `canonical_signs`)
+    at O((in + out) R^2) instead of O(in out min(in, out))."""
+    qb, rb = np.linalg.qr(np.concatenate(bs, axis=1).astype(np.float64))  # float64: O((in + out) R^2)
+    qa, ra = np.linalg.qr(np.concatenate(as_, axis=0).T.astype(np.float64))
+    um, s, vmh = np.linalg.svd(rb @ ra.T, full_matrices=False)
+    return canonical_signs((qb @ um).astype(np.float32), s.astype(np.float32), (vmh @ qa.T).astype(np.float32))
+
+
 def _combine_module(kind: str, As, Bs, scales, weights, new_rank, density, sign_method, clamp, rng):
     """One module (2-D A_i [in, r_i], B_i [r_i, out]) -> (A [in, R], B [R, out]); PEFT's orientation
     (A [r, in], B [out, r]) inside so that every reduction runs as PEFT's does."""
@@ -149,10 +170,13 @@ def _combine_module(kind: str, As, Bs, scales, weights, new_rank, density, sign_
         b = np.concatenate(Bp, axis=1)
         return a.T, b.T
     if kind in SVD_TYPES:
-        deltas = [(b @ a) * f32(s) for a, b, s in zip(Ap, Bp, scales)]
-        base_kind = "svd" if kind == "svd" else kind[: -len("_svd")]
-        delta = _merge_tensors(base_kind, deltas, np.asarray(weights, f32), density, sign_method, rng)
-        u, s, vh = np.linalg.svd(delta, full_matrices=False)
+        if kind == "svd" and new_rank <= sum(x.shape[0] for x in Ap):
+            u, s, vh = _low_rank_svd([x * (f32(w) * f32(s)) for x, w, s in zip(Bp, weights, scales)], Ap)
+        else:  # the pruned updates are full rank: SVD of the dense [out, in] matrix, as PEFT
+            deltas = [(b @ a) * f32(s) for a, b, s in zip(Ap, Bp, scales)]
+            delta = _merge_tensors(kind[: -len("_svd")] or "svd", deltas, np.asarray(weights, f32), density,
+                                   sign_method, rng)
+            u, s, vh = canonical_signs(*np.linalg.svd(delta, full_matrices=False))
         u = u[:, :new_rank] * s[:new_rank]
         vh = vh[:new_rank, :]
         if clamp is not None:
