@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.tiny.num_kv_heads = 2
     c.model.tiny.vocab_size = 512
     c.model.tiny.max_position_embeddings = 512
+    c.model.tiny.train_rows = 4000  # generated training rows of the tiny tasks (the held-out set: 200)
 
     # ----------------------------------------------------------------- data
     c.data = ml_collections.ConfigDict()
@@ -233,7 +234,8 @@ BOUNDS: dict[str, str] = {
     "train.loss_spike.factor": ">= 0", "train.loss_spike.window": "> 0",
     "peft.bottleneck.size": ">= 0", "peft.bottleneck.reduction_factor": "> 0",
     **{f"model.tiny.{k}": "> 0" for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                                           "num_kv_heads", "vocab_size", "max_position_embeddings")},
+                                           "num_kv_heads", "vocab_size", "max_position_embeddings",
+                                           "train_rows")},
 }
 
 

@@ -249,7 +249,7 @@ def _prepare_assets(ctx: Context):
     if rc.model.init != "tiny":
         return rc, None, None
     data_dir, tok_dir = ctx.workdir / "tiny_data", ctx.workdir / "tiny_tokenizer"
-    train_rows, eval_rows = tiny.make_tiny_dataset(seed=0, n_train=4000, n_eval=200)
+    train_rows, eval_rows = tiny.make_tiny_dataset(seed=0, n_train=int(rc.model.tiny.train_rows), n_eval=200)
     if ctx.is_main and not (tok_dir / "tokenizer_config.json").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         for name, rows in (("train", train_rows), ("eval", eval_rows)):

@@ -14,11 +14,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # same small programs again and again; with the cache only the first compiles them.  Subprocesses
 # inherit it through the environment (JAX reads JAX_COMPILATION_CACHE_DIR at import; the trainer
 # reads SFT_JAX_COMPILATION_CACHE).  SFT_JAX_TEST_XLA_CACHE=off turns it off.
+# Under pytest-xdist (`-n 2`) the controller's conftest runs first and makes the directory; its workers
+# inherit the environment and share it (their programs overlap; JAX writes an entry only when missing and
+# reads a torn one as a miss: warning + recompile), and only the controller removes it.
 _XLA_CACHE = None
+_OWN_XLA_CACHE = False
 if os.environ.get("SFT_JAX_TEST_XLA_CACHE", "on").lower() != "off":
     import tempfile
 
-    _XLA_CACHE = tempfile.mkdtemp(prefix="sft_jax_test_xla_")
+    _XLA_CACHE = os.environ.get("_SFT_JAX_TEST_XLA_CACHE_DIR") if os.environ.get("PYTEST_XDIST_WORKER") else None
+    if not (_XLA_CACHE and os.path.isdir(_XLA_CACHE)):
+        _XLA_CACHE = tempfile.mkdtemp(prefix="sft_jax_test_xla_")
+        _OWN_XLA_CACHE = True
+        os.environ["_SFT_JAX_TEST_XLA_CACHE_DIR"] = _XLA_CACHE
     os.environ["SFT_JAX_COMPILATION_CACHE"] = _XLA_CACHE
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = os.environ.get(
@@ -46,8 +54,47 @@ def repo_dir() -> pathlib.Path:
     return REPO
 
 
+@pytest.fixture(scope="session")
+def stories260k_cli(shared_dir, tmp_path_factory) -> pathlib.Path:
+    """../shared's stories260K converted once per session (per xdist worker) with `python -m sft_jax.convert
+    llama2c`: the HF base of the CLI tests (test_dora_pissa, test_ia3_cli, test_prompts_cli, test_qlora_cli).
+    Read-only for them: a run that resizes the vocabulary writes its base into its own work directory."""
+    from helpers import run_module
+
+    out = tmp_path_factory.mktemp("stories260K_cli") / "stories260K"
+    assets = shared_dir / "assets" / "stories260K"
+    run_module("sft_jax.convert", "llama2c", f"--checkpoint={assets / 'stories260K.bin'}",
+               f"--tokenizer={assets / 'tok512.model'}", f"--out={out}", cwd=REPO)
+    return out
+
+
+# pytest-xdist (`-n 2 --dist loadfile`): each file runs whole on one worker, files handed out in order as
+# workers free up.  The longest files go first (longest-first keeps the two workers' ends close); xdist's
+# own default order (files with the most tests first) would leave the few-test, minutes-long CLI files to
+# the end.  Only the order of files changes, never the order inside a file; a run without xdist keeps
+# pytest's order.  Rough wall time of each at load ~8 (the proof run in BUILD_NOTES item 7).
+LONGEST_FIRST = (
+    "test_dora_pissa.py", "test_train.py", "test_prompts_cli.py", "test_qlora_cli.py", "test_multihost.py",
+    "test_train_data_sources.py", "test_ia3_cli.py", "test_synth.py", "test_data_quality.py",
+    "test_bench_vs_trl.py", "test_gguf_export.py", "test_serve.py", "test_trainer_inprocess.py",
+    "test_workdir_lock.py", "test_checkpoint_corrupt.py", "test_qlora.py", "test_qdora.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist installed: keep the order of the files below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items[:] = sorted(items, key=lambda it: rank.get(it.path.name, len(rank)))  # stable: file order kept
+
+
 def pytest_sessionfinish(session, exitstatus):
-    if _XLA_CACHE and not hasattr(session.config, "workerinput"):
+    if _XLA_CACHE and _OWN_XLA_CACHE:
         import shutil
 
         shutil.rmtree(_XLA_CACHE, ignore_errors=True)

@@ -21,6 +21,23 @@ def test_readme_test_command_installs_and_runs_pytest():
     assert "pip install" in cmd and "[test]" in cmd and "pytest" in cmd and "venv" in cmd
 
 
+def test_readme_xdist_command_has_its_pin_and_file_order():
+    """README's `pytest -n N` needs pytest-xdist pinned in the test extra; conftest's LONGEST_FIRST names
+    test files that exist (a stale name would silently stop ordering that file)."""
+    import tomllib
+
+    import conftest
+
+    cmd = _readme_command()
+    test_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    if " -n " in cmd:
+        assert any(d.startswith("pytest-xdist==") for d in test_extra), test_extra
+        assert "--dist loadfile" in cmd  # module fixtures are built once: a file never splits across workers
+    assert len(set(conftest.LONGEST_FIRST)) == len(conftest.LONGEST_FIRST)
+    for name in conftest.LONGEST_FIRST:
+        assert (REPO / "tests" / name).is_file(), name
+
+
 def _fake_project(tmp_path, test_body: str | None) -> pathlib.Path:
     root = tmp_path / "proj"
     (root / ".ci").mkdir(parents=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import re
 import shutil
@@ -23,6 +22,8 @@ from sft_jax.config import default_config
 from sft_jax.data import formats, quality, quality_model, quality_text
 from sft_jax.data.testing import CORPUS, tiny_fast_tokenizer, write_jsonl
 from sft_jax.models.llama2c import convert_llama2c
+
+from helpers import cli_env
 
 WORDS = sorted({w.strip(".,!?").lower() for w in CORPUS.split()} - {"i"})
 VERBS = ["describe", "explain", "write", "list", "summarize", "compare", "tell", "give", "name", "create"]
@@ -345,12 +346,7 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
 
 
 def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["SFT_JAX_COMPILATION_CACHE"] = os.environ.get("SFT_JAX_COMPILATION_CACHE", "off")  # conftest: the session's cache
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+    return cli_env(devices=2)
 
 
 def test_cli_errors_are_one_line(tmp_path, repo_dir):

@@ -8,27 +8,23 @@ on the (original) base; merged export in transformers; peft -> sft_jax round tri
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from sft_jax import config as config_lib
 from sft_jax import generate
 from sft_jax import peft as methods
-from sft_jax import sharding
 from sft_jax.models import hf_io, llama
-from sft_jax.optim import make_optimizer
-from sft_jax.train_step import make_train_step
 from sft_jax.peft.dora import Dora
 from sft_jax.peft.lora import Lora, adapter_leaves
 from sft_jax.peft.pissa import Pissa
+
+from helpers import IDS, assert_equal_across_meshes, mesh_step_results, rel, run_module, save_tiny_llama
+from helpers import hf_llama as _hf, hf_module as _hf_module, torch_logits as _torch_logits
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -36,33 +32,12 @@ transformers = pytest.importorskip("transformers")
 
 RANK, ALPHA = 4, 8.0
 NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IDS = np.array([[1, 17, 40, 9, 25, 7, 3, 30, 12, 41, 5, 60], [1, 9, 8, 7, 6, 5, 4, 3, 2, 10, 20, 39]])
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny random HF Llama (q/k/v biases off, untied) saved with save_pretrained."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
-                                   max_position_embeddings=64, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg).float()
-    with torch.no_grad():  # larger weights than the 0.02 init, so that adapters change the logits visibly
-        for p in model.parameters():
-            p.mul_(5.0 if p.ndim == 2 else 1.0)
-    d = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(str(d), safe_serialization=True)
-    return d
-
-
-def _hf(base_dir):
-    return transformers.LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _peft_model(base_dir, **cfg):
@@ -73,17 +48,6 @@ def _peft_model(base_dir, **cfg):
 
 def _logits(method, trainable, frozen, config, ids=IDS):
     return method.forward(trainable, frozen, config, jnp.asarray(ids))
-
-
-def _torch_logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids)).logits.numpy()
-
-
-def _hf_module(path):
-    """Our module path ('layers_0', 'attn', 'q_proj') -> the HF module name."""
-    layer, group, proj = path
-    return f"model.layers.{layer.split('_')[1]}.{'self_attn' if group == 'attn' else 'mlp'}.{proj}"
 
 
 def _peft_modules(pm):
@@ -272,39 +236,11 @@ def test_dora_load_peft_rejects_plain_lora(base_dir, tmp_path):
         Dora.load_peft(str(tmp_path / "lora"), params)
 
 
-MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
-
-
 @pytest.mark.parametrize("name", ["dora", "pissa"])
 def test_equal_across_meshes(base_dir, name):
     """One train step on the data / fsdp / tensor meshes of 8 fake devices gives the one-device result."""
     config, _, method, trainable, frozen, _ = _trained(name, base_dir)
-    rng = np.random.default_rng(0)
-    seq = rng.integers(0, config.vocab_size, size=(16, 17)).astype(np.int32)
-    batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((16, 16), np.float32),
-             "segment_ids": np.ones((16, 16), np.int32),
-             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (16, 16)).copy()}
-    tcfg = ml_collections.ConfigDict(dict(lr=1e-2, end_lr=0.0, schedule="constant", warmup_steps=0, b1=0.9,
-                                          b2=0.999, eps=1e-3, weight_decay=0.0, grad_clip=1.0))
-    opt, sched = make_optimizer(tcfg, 10)
-    results = []
-    for shape in MESHES:
-        mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:int(np.prod(shape))])
-        steps = make_train_step(config, mesh, trainable=trainable, frozen=frozen, optimizer=opt, schedule=sched,
-                                method=method, batch_size=16)
-        sh = steps.shardings
-        tr = jax.device_put(jax.tree.map(np.asarray, trainable), sh.trainable)
-        st = sharding.init_opt_state(opt, tr, sh.opt_state)
-        fr = jax.device_put(frozen, sh.frozen)
-        new, st, m = steps.train_step(tr, fr, st, jax.device_put(batch, sh.batch), jax.random.key(0))
-        new, st, m2 = steps.train_step(new, fr, st, jax.device_put(batch, sh.batch), jax.random.key(1))
-        results.append((jax.tree.map(np.asarray, new), float(m["loss"]), float(m2["loss"])))
-    ref, l1, l2 = results[0]
-    assert l2 < l1
-    for (tree, a, b), shape in zip(results[1:], MESHES[1:]):
-        assert rel(a, l1) <= 1e-5 and rel(b, l2) <= 1e-5, shape
-        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)):
-            assert rel(x, y) <= 1e-5, shape
+    assert_equal_across_meshes(mesh_step_results(config, method, trainable, frozen))
 
 
 @pytest.mark.parametrize("name", ["dora", "pissa"])
@@ -326,23 +262,14 @@ def test_scanned_layers(base_dir, name):
 
 
 def _cli(cwd, *args, timeout=900):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               SFT_JAX_COMPILATION_CACHE=os.environ.get("SFT_JAX_COMPILATION_CACHE", "off"), TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, f"{args[:2]} exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-    return p.stdout
+    return run_module(*args, cwd=cwd, timeout=timeout).stdout
 
 
 @pytest.fixture(scope="module")
-def cli_base(shared_dir, repo_dir, tmp_path_factory):
-    """stories260K converted once with `python -m sft_jax.convert llama2c` (read-only: the runs resize the
-    vocabulary into their own work directory's base_model)."""
-    base = tmp_path_factory.mktemp("cli_base") / "stories260K"
-    assets = shared_dir / "assets" / "stories260K"
-    _cli(repo_dir, "sft_jax.convert", "llama2c", f"--checkpoint={assets / 'stories260K.bin'}",
-         f"--tokenizer={assets / 'tok512.model'}", f"--out={base}")
-    return base
+def cli_base(stories260k_cli):
+    """stories260K converted with `python -m sft_jax.convert llama2c`, once per session (conftest; read-only:
+    the runs resize the vocabulary into their own work directory's base_model)."""
+    return stories260k_cli
 
 
 @pytest.mark.slow

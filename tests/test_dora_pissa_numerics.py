@@ -13,15 +13,12 @@ import jax.numpy as jnp
 
 from sft_jax.peft import dora, pissa
 
+from helpers import rel
+
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 TOL = 1e-5
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 class _One(torch.nn.Module):

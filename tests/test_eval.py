@@ -18,6 +18,7 @@ from rouge_score import rouge_scorer
 from sft_jax import eval as eval_lib
 from sft_jax.data import pipeline
 from sft_jax.models.hf_io import save_hf
+from helpers import cli_env
 from test_workdir import shared_lora_run
 
 torch = pytest.importorskip("torch")
@@ -108,11 +109,7 @@ def test_generation_metrics_against_own_greedy_outputs(model, tmp_path):
 
 
 def _env():
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["SFT_JAX_COMPILATION_CACHE"] = os.environ.get("SFT_JAX_COMPILATION_CACHE", "off")  # conftest: the session's cache
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+    return cli_env(devices=None)  # this process's fake devices, the session's XLA cache (conftest)
 
 
 def test_cli_compare_workdir_with_hf_dir(lora_run, tmp_path, repo_dir, capsys):

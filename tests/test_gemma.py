@@ -9,9 +9,7 @@ tied embeddings tied, the chunked loss with final-logit soft-capping == the refe
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,9 @@ from sft_jax import peft as methods  # noqa: E402
 from sft_jax.loss import chunked_cross_entropy_sums, cross_entropy_sums  # noqa: E402
 from sft_jax.models import forward, hf_io, llama  # noqa: E402
 from sft_jax.models.config import ModelConfig  # noqa: E402
+
+from helpers import hf_logits_1d as _hf_logits, hf_model_class, jit_forward, lazy_builder, save_random_hf  # noqa: E402
+from helpers import assert_safetensors_equal, hf_greedy, rand_ids as _ids  # noqa: E402
 
 W = 8  # sliding window
 T = 24
@@ -50,56 +51,24 @@ _CLASSES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "
 
 
 def _hf(path):
-    with open(os.path.join(path, "config.json")) as f:
-        mt = json.load(f)["model_type"]
-    return getattr(transformers, _CLASSES[mt]).from_pretrained(path, dtype=torch.float32,
-                                                                attn_implementation="eager").eval()
+    return hf_model_class(path, _CLASSES).from_pretrained(path, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
 
 
 def _make(name, d):
-    torch.manual_seed(0)
-    cfg = CONFIGS[name]()
-    cfg._attn_implementation = "eager"
-    model = getattr(transformers, _CLASSES[cfg.model_type])(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(0.2 * torch.randn_like(p) if "norm" in n else 0.15 * torch.randn_like(p))
-    model.save_pretrained(d)
+    save_random_hf(CONFIGS[name](), _CLASSES, d, norm=lambda p: 0.2 * torch.randn_like(p), eager=True)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = str(tmp_path_factory.mktemp(name))
-            _make(name, d)
-            cache[name] = d
-        return cache[name]
-
-    return get
-
-
-def _ids(n, seed=0):
-    return np.random.default_rng(seed).integers(3, 96, size=n).astype(np.int32)
-
-
-def _hf_logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0].float().numpy()
-
-
-@functools.lru_cache(maxsize=None)
-def _fwd():
-    return jax.jit(forward, static_argnums=1)
+    return lazy_builder(tmp_path_factory, _make)
 
 
 def _ours(params, config, ids, seg=None, pos=None):
     ids = np.asarray(ids).reshape(1, -1) if np.asarray(ids).ndim == 1 else ids
     seg = np.ones_like(ids) if seg is None else seg
     pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape) if pos is None else pos
-    return np.asarray(_fwd()(params, config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)))
+    return np.asarray(jit_forward()(params, config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)))
 
 
 VARIANTS = [dict(attention="dense", kernels="reference"), dict(attention="flash", kernels="reference"),
@@ -164,11 +133,7 @@ def test_packed_equals_unpacked(built, name):
 
 
 def _hf_greedy(path, prompt, n):
-    hf = _hf(path)
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt], dtype=torch.long), max_new_tokens=n, do_sample=False,
-                          eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    return hf_greedy(_hf(path), prompt, n)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -202,15 +167,10 @@ def test_generate_cli_gemma2_equals_transformers(built, capsys):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_hf_save_round_trip_exact(built, name, tmp_path):
-    from safetensors.numpy import load_file
-
     path = built(name)
     config, params = hf_io.load_hf(path)
     hf_io.save_hf(str(tmp_path), config, params)
-    a, b = load_file(os.path.join(path, "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert_safetensors_equal(path, tmp_path)
     again = hf_io.read_config(str(tmp_path))
     assert again == config
     orig, saved = (transformers.AutoConfig.from_pretrained(p) for p in (path, str(tmp_path)))

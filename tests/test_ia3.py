@@ -12,60 +12,26 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from sft_jax import config as config_lib
 from sft_jax import peft as methods
-from sft_jax import sharding
 from sft_jax.models import hf_io, llama
-from sft_jax.optim import make_optimizer
 from sft_jax.peft.ia3 import IA3, ia3_leaves
-from sft_jax.train_step import make_train_step
+
+from helpers import IDS, assert_equal_across_meshes, mesh_step_results, rel, save_tiny_llama
+from helpers import hf_llama as _hf, hf_module as _hf_module, torch_logits as _torch_logits
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-IDS = np.array([[1, 17, 40, 9, 25, 7, 3, 30, 12, 41, 5, 60], [1, 9, 8, 7, 6, 5, 4, 3, 2, 10, 20, 39]])
 TARGETS = ["k_proj", "v_proj", "down_proj", "q_proj", "up_proj"]
 FF = ["down_proj", "up_proj"]
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
-                                   max_position_embeddings=64, tie_word_embeddings=False, attention_bias=True)
-    model = transformers.LlamaForCausalLM(cfg).float()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(5.0 if p.ndim == 2 else 1.0)
-            if p.ndim == 1 and p.abs().max() == 0:  # biases: nonzero, so that scaling them is checked
-                p.add_(0.1 * torch.randn(p.shape))
-    d = tmp_path_factory.mktemp("tiny_llama_ia3")
-    model.save_pretrained(str(d), safe_serialization=True)
-    return d
-
-
-def _hf(base_dir):
-    return transformers.LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
-
-
-def _torch_logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids)).logits.numpy()
-
-
-def _hf_module(path):
-    layer, group, proj = path
-    return f"model.layers.{layer.split('_')[1]}.{'self_attn' if group == 'attn' else 'mlp'}.{proj}"
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_ia3"), attention_bias=True, nonzero_biases=True)
 
 
 @pytest.fixture(scope="module")
@@ -155,34 +121,6 @@ def test_peft_and_merged_exports_give_our_logits(trained, base_dir, tmp_path):
     assert rel(llama.forward(back_s.merge(tree_s, sparams, cfg2), cfg2, jnp.asarray(IDS)), ours) < 1e-5
 
 
-MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
-
-
 def test_equal_across_meshes(trained):
     config, _, method, trainable, frozen, _ = trained
-    rng = np.random.default_rng(0)
-    seq = rng.integers(0, config.vocab_size, size=(16, 17)).astype(np.int32)
-    batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((16, 16), np.float32),
-             "segment_ids": np.ones((16, 16), np.int32),
-             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (16, 16)).copy()}
-    tcfg = ml_collections.ConfigDict(dict(lr=1e-2, end_lr=0.0, schedule="constant", warmup_steps=0, b1=0.9,
-                                          b2=0.999, eps=1e-3, weight_decay=0.0, grad_clip=1.0))
-    opt, sched = make_optimizer(tcfg, 10)
-    results = []
-    for shape in MESHES:
-        mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:int(np.prod(shape))])
-        steps = make_train_step(config, mesh, trainable=trainable, frozen=frozen, optimizer=opt, schedule=sched,
-                                method=method, batch_size=16)
-        sh = steps.shardings
-        tr = jax.device_put(jax.tree.map(np.asarray, trainable), sh.trainable)
-        st = sharding.init_opt_state(opt, tr, sh.opt_state)
-        fr = jax.device_put(frozen, sh.frozen)
-        new, st, m = steps.train_step(tr, fr, st, jax.device_put(batch, sh.batch), jax.random.key(0))
-        new, st, m2 = steps.train_step(new, fr, st, jax.device_put(batch, sh.batch), jax.random.key(1))
-        results.append((jax.tree.map(np.asarray, new), float(m["loss"]), float(m2["loss"])))
-    ref, l1, l2 = results[0]
-    assert l2 < l1
-    for (tree, a, b), shape in zip(results[1:], MESHES[1:]):
-        assert rel(a, l1) <= 1e-5 and rel(b, l2) <= 1e-5, shape
-        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)):
-            assert rel(x, y) <= 1e-5, shape
+    assert_equal_across_meshes(mesh_step_results(config, method, trainable, frozen))

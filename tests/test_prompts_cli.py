@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from test_train import _env, _metrics, _train_losses
+from helpers import kill_at_checkpoint, run_module
+from test_train import _metrics, _train_losses
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -30,19 +28,13 @@ VIRTUAL = {"prompt_tuning": 10, "p_tuning": 10, "prefix_tuning": 0}
 
 
 def _run(*args, timeout=900, ok=True):
-    p = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                       timeout=timeout)
-    if ok:
-        assert p.returncode == 0, f"{args[0]} exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-    return p
+    return run_module(*args, timeout=timeout, ok=ok)
 
 
 @pytest.fixture(scope="module")
-def stories(shared_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stories260K")
-    _run("sft_jax.convert", "llama2c", f"--checkpoint={shared_dir / 'assets/stories260K/stories260K.bin'}",
-         f"--tokenizer={shared_dir / 'assets/stories260K/tok512.model'}", f"--out={out}")
-    return out
+def stories(stories260k_cli):
+    """stories260K converted with `python -m sft_jax.convert llama2c`, once per session (conftest)."""
+    return stories260k_cli
 
 
 def _args(method, workdir, base, data):
@@ -112,23 +104,7 @@ def test_exact_resume_after_sigkill(runs, stories, shared_dir, tmp_path, method)
     assert len(ref) == STEPS
     wd = tmp_path / "killed"
     args = _args(method, wd, stories, shared_dir / "data/lima.json")
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline:
-            ck = wd / "checkpoints"
-            done = [p for p in ck.iterdir() if p.name.isdigit()] if ck.exists() else []
-            if any(int(p.name) >= 10 for p in done):
-                break
-            if proc.poll() is not None:
-                pytest.fail("the run finished before it could be killed")
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_at_checkpoint([sys.executable, "-m", *args], wd, 10)
     assert max(r["step"] for r in _metrics(wd) if "loss" in r) < STEPS
     _run(*args)  # resume=auto
     losses = _train_losses(wd)

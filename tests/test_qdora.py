@@ -16,31 +16,21 @@ import jax
 import jax.numpy as jnp
 
 from sft_jax import peft
-from sft_jax.config import default_config
 from sft_jax.models import hf_io
 from sft_jax.peft.lora import adapter_leaves
 from sft_jax.peft.qdora import QDora
 
-from test_qlora import OURS, PROJ, _batch, _int8_dequantised_base, _mean_ce, load_bnb, make_hf
+from test_qlora import OURS, PROJ, _batch, _int8_dequantised_base, _mean_ce, load_bnb
+from test_qlora import _method as _qlora_method
+from test_qlora import hf_dir  # noqa: F401  (the module's tiny HF Llama fixture, built once here too)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qdora_hf")
-    make_hf(path)
-    return str(path)
-
-
 def _method(**kw):
-    cfg = default_config().peft
-    cfg.method = "qdora"
-    for k, v in kw.items():
-        cfg.qlora[k] = v
-    return peft.from_config(cfg)
+    return _qlora_method("qdora", **kw)
 
 
 def test_config_and_run_config():

@@ -76,9 +76,10 @@ def hf_dir(tmp_path_factory):
     return str(path)
 
 
-def _method(**kw):
+def _method(method="qlora", **kw):
+    """peft.from_config of `method` with these peft.qlora.* fields."""
     cfg = default_config().peft
-    cfg.method = "qlora"
+    cfg.method = method
     for k, v in kw.items():
         cfg.qlora[k] = v
     return peft.from_config(cfg)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
+from helpers import run_module
 from test_qlora import load_bnb
-from test_train import _env, _metrics
+from test_train import _metrics
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
@@ -30,18 +29,13 @@ PROMPT = [1, 100, 200, 300, 42]
 
 
 def _run(*args, timeout=900):
-    p = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, f"{args[0]} exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-    return p.stdout
+    return run_module(*args, timeout=timeout).stdout
 
 
 @pytest.fixture(scope="module")
-def stories(shared_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stories260K")
-    _run("sft_jax.convert", "llama2c", f"--checkpoint={shared_dir / 'assets/stories260K/stories260K.bin'}",
-         f"--tokenizer={shared_dir / 'assets/stories260K/tok512.model'}", f"--out={out}")
-    return out
+def stories(stories260k_cli):
+    """stories260K converted with `python -m sft_jax.convert llama2c`, once per session (conftest)."""
+    return stories260k_cli
 
 
 def _train(workdir, base, quant_type, data, method="qlora"):

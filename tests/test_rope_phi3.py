@@ -12,9 +12,7 @@ PeftModel and the merged export (tied embeddings stay tied).
 from __future__ import annotations
 
 import copy
-import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +24,11 @@ transformers = pytest.importorskip("transformers")
 
 from sft_jax import peft as methods  # noqa: E402
 from sft_jax.kernels import cpu  # noqa: E402
-from sft_jax.models import forward, hf_io, llama, rope  # noqa: E402
+from sft_jax.models import hf_io, llama, rope  # noqa: E402
 from sft_jax.models.config import ModelConfig, UnsupportedModelError  # noqa: E402
+
+from helpers import hf_logits_1d as _hf_logits, hf_model_class, jit_forward, lazy_builder, save_random_hf  # noqa: E402
+from helpers import assert_safetensors_equal, hf_greedy, rand_ids as _ids  # noqa: E402
 
 BOUND = 16  # original_max_position_embeddings (yarn/longrope) / max_position_embeddings (dynamic)
 T = 40
@@ -67,51 +68,20 @@ _CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
 
 def _hf(path):
     """A fresh transformers model (its dynamic-rope state starts empty)."""
-    with open(os.path.join(path, "config.json")) as f:
-        mt = json.load(f)["model_type"]
-    return getattr(transformers, _CLASSES[mt]).from_pretrained(path, dtype=torch.float32).eval()
+    return hf_model_class(path, _CLASSES).from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _make(name, d):
-    torch.manual_seed(0)
-    cfg = CONFIGS[name]()
-    model = getattr(transformers, _CLASSES[cfg.model_type])(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in n else 0.15 * torch.randn_like(p))
-    model.save_pretrained(d)
+    save_random_hf(CONFIGS[name](), _CLASSES, d, norm=lambda p: 1.0 + 0.1 * torch.randn_like(p))
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            d = str(tmp_path_factory.mktemp(name))
-            _make(name, d)
-            cache[name] = d
-        return cache[name]
-
-    return get
-
-
-def _ids(n, seed=0):
-    return np.random.default_rng(seed).integers(3, 96, size=n).astype(np.int32)
-
-
-def _hf_logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0].float().numpy()
-
-
-@functools.lru_cache(maxsize=None)
-def _fwd():
-    return jax.jit(forward, static_argnums=1)
+    return lazy_builder(tmp_path_factory, _make)
 
 
 def _ours(params, config, ids, seg, pos):
-    return np.asarray(_fwd()(params, config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)))
+    return np.asarray(jit_forward()(params, config, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)))
 
 
 def _batch():
@@ -174,11 +144,7 @@ def test_packed_equals_unpacked(built, name):
 
 
 def _hf_greedy(path, prompt, n):
-    hf = _hf(path)
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt], dtype=torch.long), max_new_tokens=n, do_sample=False,
-                          eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    return hf_greedy(_hf(path), prompt, n)
 
 
 @pytest.mark.parametrize("name", ["llama_dynamic", "qwen3_yarn", "phi3_tied_window"])
@@ -253,15 +219,10 @@ def test_serve_engine_phi3_longrope_equals_transformers(built):
 
 @pytest.mark.parametrize("name", ["phi3_longrope", "phi3_tied_window", "qwen2_yarn", "llama_dynamic"])
 def test_hf_save_round_trip_exact(built, name, tmp_path):
-    from safetensors.numpy import load_file
-
     path = built(name)
     config, params = hf_io.load_hf(path)
     hf_io.save_hf(str(tmp_path), config, params)
-    a, b = load_file(os.path.join(path, "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    b = assert_safetensors_equal(path, tmp_path)
     if config.model_type == "phi3":
         assert any(k.endswith("qkv_proj.weight") for k in b) and any(k.endswith("gate_up_proj.weight") for k in b)
     again = hf_io.read_config(str(tmp_path))

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 import pytest
+from helpers import cli_env
 from synth_server import CraftedTeacher, serving
 
 from sft_jax.data import formats
@@ -25,10 +26,7 @@ SEEDS = REPO.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
 
 
 def _env():
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               SFT_JAX_COMPILATION_CACHE=os.environ.get("SFT_JAX_COMPILATION_CACHE", "off"), TOKENIZERS_PARALLELISM="false")
-    return env
+    return cli_env(TOKENIZERS_PARALLELISM="false")
 
 
 def _lines(path) -> list[dict]:

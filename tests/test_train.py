@@ -6,7 +6,6 @@ Small overrides of configs/tiny.py keep each run to seconds: 2 layers, hidden 64
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -14,6 +13,8 @@ import sys
 import time
 
 import pytest
+
+from helpers import cli_env, kill_at_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,12 +30,7 @@ SMALL = [
 
 
 def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["SFT_JAX_COMPILATION_CACHE"] = os.environ.get("SFT_JAX_COMPILATION_CACHE", "off")  # conftest: the session's cache
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+    return cli_env()  # one CPU device, the session's XLA cache (conftest)
 
 
 def _train(workdir, *args, config="configs/tiny.py", check=True, timeout=600):
@@ -74,9 +70,9 @@ def test_metrics_fields_and_real_token_count(tmp_path):
     from sft_jax.data import pipeline
 
     wd = tmp_path / "run"
-    # padding mode: 4000 training rows / 80 = exactly 50 batches, so one epoch is one pass
+    # padding mode: 800 training rows (model.tiny.train_rows) / 80 = exactly 10 batches, so one epoch is one pass
     _train(wd, "--config.train.steps=0", "--config.train.epochs=1", "--config.data.packing=False",
-           "--config.checkpoint.every_steps=0", "--config.train.batch_size=80")
+           "--config.checkpoint.every_steps=0", "--config.train.batch_size=80", "--config.model.tiny.train_rows=800")
     rows = [r for r in _metrics(wd) if "loss" in r]
     for key in ("loss", "lr", "grad_norm", "trainable_tokens", "real_tokens", "tokens_per_s", "step_time_s",
                 "compile_time_s", "mfu"):
@@ -96,6 +92,7 @@ def test_metrics_fields_and_real_token_count(tmp_path):
     assert sum(r["real_tokens"] for r in rows) == expected_real
     assert sum(r["trainable_tokens"] for r in rows) == expected_trainable
     info = json.loads((wd / "run_info.json").read_text())
+    assert len(rows) == 10 and len(examples) == 800
     assert info["versions"]["jax"] and info["config"]["train"]["batch_size"] == 80
     assert info["method"] == {"method": "full", "full": {}}  # the method and the kernel choice are recorded
     assert info["kernels"]["requested"] == "auto" and info["kernels"]["kernels"] in ("cpu", "reference")
@@ -114,22 +111,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
     wd = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sft_jax.train", "--config=configs/tiny.py", f"--workdir={wd}", *SMALL, *common]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline:
-            ck = wd / "checkpoints"
-            done = [p for p in ck.iterdir() if p.name.isdigit()] if ck.exists() else []
-            if any(int(p.name) >= 6 for p in done):
-                break
-            if proc.poll() is not None:
-                pytest.fail("the run finished before it could be killed")
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_at_checkpoint(cmd, wd, 6, deadline_s=400)
     killed_at = max(r["step"] for r in _metrics(wd) if "loss" in r)
     assert killed_at < n
     _train(wd, *common)  # resume=auto
