@@ -285,6 +285,23 @@ def test_refusals(base_dir, dirs, ours, config, tmp_path):
     other = C.Adapter(a.tree, a.rank, a.alpha, name="other", base="/somewhere/else")
     with pytest.raises(C.CombineError, match="adapter other was trained on base '/somewhere/else'"):
         C.combine([a, other], [1, 1], "cat")
+    # two directories holding the same weights (each run's own copy of a resized base) are one base;
+    # a directory of other weights is not
+    import shutil
+
+    copy = shutil.copytree(base_dir, tmp_path / "base_copy")
+    one = C.Adapter(a.tree, a.rank, a.alpha, name="one", base=str(base_dir))
+    C.combine([one, C.Adapter(b.tree, b.rank, b.alpha, name="copy", base=str(copy))], [1, 1], "cat")
+    changed = tmp_path / "base_changed"
+    shutil.copytree(base_dir, changed)
+    from safetensors.numpy import load_file, save_file
+
+    (wf,) = [f for f in os.listdir(changed) if f.endswith(".safetensors")]
+    t = load_file(str(changed / wf))
+    t = {k: (v + 1.0 if k.endswith("q_proj.weight") else v) for k, v in t.items()}
+    save_file(t, str(changed / wf), metadata={"format": "pt"})
+    with pytest.raises(C.CombineError, match="adapter changed was trained on base"):
+        C.combine([one, C.Adapter(b.tree, b.rank, b.alpha, name="changed", base=str(changed))], [1, 1], "cat")
     narrow = jax.tree.map(lambda x: x, a.tree)  # new dicts, same leaves
     path, leaf = next(adapter_leaves(narrow))
     node = narrow

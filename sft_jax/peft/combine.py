@@ -37,7 +37,7 @@ r = lora_alpha = the new rank (scale 1: the input scales are folded into A and B
 upstream by huggingface/peft#3449; the A/B tensors are PEFT's either way).
 
 Refused (`CombineError`, one line naming the adapter): adapters of different bases (module shapes,
-or `base_model_name_or_path`s that differ), different sets of adapted modules, DoRA adapters (PEFT's
+or `base_model_name_or_path`s that differ and are not two local directories of equal weights), different sets of adapted modules, DoRA adapters (PEFT's
 combination would keep a freshly initialised magnitude vector), other PEFT types, unequal ranks for
 the equal-rank types, a new rank above a module's min(in, out) for the SVD types.
 """
@@ -196,6 +196,22 @@ def _norm_base(name: str) -> str:
     return os.path.realpath(name) if name and os.path.exists(name) else name
 
 
+def _same_base(a: str, b: str) -> bool:
+    """Two base names are one base when they name the same path, or two local model directories whose
+    weights have the same fingerprint (every trainer run that adds template tokens saves its own copy of the
+    resized base in WORKDIR/base_model: two runs of one base name two directories holding equal weights)."""
+    if _norm_base(a) == _norm_base(b):
+        return True
+    if not (os.path.isdir(a) and os.path.isdir(b)):
+        return False
+    from sft_jax.adapter_format import AdapterFormatError, base_fingerprint
+
+    try:
+        return base_fingerprint(a) == base_fingerprint(b)
+    except AdapterFormatError:  # no safetensors to compare: not provably one base
+        return False
+
+
 def check_adapters(adapters: Sequence[Adapter], weights: Sequence[float], combination_type: str, *,
                    rank=None, clamp=None, density=None, majority_sign_method="total") -> tuple[str, int]:
     """Validate a combination; returns (effective type, new rank). Raises CombineError (one line)."""
@@ -228,7 +244,7 @@ def check_adapters(adapters: Sequence[Adapter], weights: Sequence[float], combin
     if not ref:
         raise CombineError(f"adapter {first.name} has no LoRA modules")
     for a in adapters[1:]:
-        if first.base and a.base and _norm_base(first.base) != _norm_base(a.base):
+        if first.base and a.base and not _same_base(first.base, a.base):
             raise CombineError(f"adapter {a.name} was trained on base {a.base!r}, adapter {first.name} on "
                                f"{first.base!r}: only adapters of one base can be combined")
         mods = {p: leaf for p, leaf in adapter_leaves(a.tree)}
