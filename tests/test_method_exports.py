@@ -35,6 +35,8 @@ EXPECTED = {
     "prompt_tuning": {"peft", "adapter"},
     "p_tuning": {"peft", "adapter"},
     "prefix_tuning": {"peft", "adapter"},
+    "bitfit": {"merged", "gguf", "adapter"},
+    "bottleneck": {"adapter"},
 }
 # what a written format must contain
 WRITES = {"merged": ("config.json", ".safetensors"), "peft": ("adapter_config.json",), "gguf": (".gguf",),
