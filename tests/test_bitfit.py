@@ -16,16 +16,13 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
+from helpers import assert_equal_across_meshes, mesh_step_results, rel
 from sft_jax import config as config_lib
 from sft_jax import peft as methods
-from sft_jax import sharding
 from sft_jax.kernels import cpu as cpu_kernels
 from sft_jax.models import hf_io, llama
-from sft_jax.optim import make_optimizer
 from sft_jax.peft.bitfit import BitFit, bias_leaves
-from sft_jax.train_step import make_train_step
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -34,11 +31,6 @@ IDS = np.array([[1, 17, 40, 9, 25, 7, 3, 30, 12, 41, 5, 60], [1, 9, 8, 7, 6, 5, 
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=64,
              tie_word_embeddings=False)
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def _save(model, d):
@@ -260,34 +252,7 @@ def test_cpu_kernels_equal_reference_and_stay_fused(trained, monkeypatch):
         assert rel(a, b) < 1e-5
 
 
-MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
-
 
 def test_equal_across_meshes(trained):
     config, _, method, trainable, frozen = trained["biased"]
-    rng = np.random.default_rng(0)
-    seq = rng.integers(0, config.vocab_size, size=(16, 17)).astype(np.int32)
-    batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((16, 16), np.float32),
-             "segment_ids": np.ones((16, 16), np.int32),
-             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (16, 16)).copy()}
-    tcfg = ml_collections.ConfigDict(dict(lr=1e-2, end_lr=0.0, schedule="constant", warmup_steps=0, b1=0.9,
-                                          b2=0.999, eps=1e-3, weight_decay=0.0, grad_clip=1.0))
-    opt, sched = make_optimizer(tcfg, 10)
-    results = []
-    for shape in MESHES:
-        mesh = sharding.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:int(np.prod(shape))])
-        steps = make_train_step(config, mesh, trainable=trainable, frozen=frozen, optimizer=opt, schedule=sched,
-                                method=method, batch_size=16)
-        sh = steps.shardings
-        tr = jax.device_put(jax.tree.map(np.asarray, trainable), sh.trainable)
-        st = sharding.init_opt_state(opt, tr, sh.opt_state)
-        fr = jax.device_put(frozen, sh.frozen)
-        new, st, m = steps.train_step(tr, fr, st, jax.device_put(batch, sh.batch), jax.random.key(0))
-        new, st, m2 = steps.train_step(new, fr, st, jax.device_put(batch, sh.batch), jax.random.key(1))
-        results.append((jax.tree.map(np.asarray, new), float(m["loss"]), float(m2["loss"])))
-    ref, l1, l2 = results[0]
-    assert l2 < l1
-    for (tree, a, b), shape in zip(results[1:], MESHES[1:]):
-        assert rel(a, l1) <= 1e-5 and rel(b, l2) <= 1e-5, shape
-        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)):
-            assert rel(x, y) <= 1e-5, shape
+    assert_equal_across_meshes(mesh_step_results(config, method, trainable, frozen))

@@ -2,19 +2,18 @@
 loss falls; SIGKILL after a checkpoint and resume gives the uninterrupted run's losses bitwise; `--format=merged`
 (a bias-free Llama widened to attention_bias / mlp_bias) has the workdir's logits in transformers and its greedy
 continuation is `sft_jax.generate --workdir`'s; `--format=peft` refuses with the reason; `--format=gguf` carries the biases (llama.cpp's reading). One trained run shared by
-the module; the conversion, exports and generation run in-process (their `main`), the trainer as a subprocess."""
+the module; the conversion is conftest's `stories260k_cli`; exports and generation run in-process (their `main`), the trainer as a subprocess."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+
+from helpers import kill_at_checkpoint, run_module
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -22,16 +21,6 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
 
-def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-                TOKENIZERS_PARALLELISM="false")
-
-
-def _cli(cwd, *args, timeout=900):
-    p = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, f"{args[:2]} exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-    return p.stdout
 
 
 def _train_args(shared_dir, base, wd):
@@ -52,17 +41,12 @@ def _losses(wd):
 
 
 @pytest.fixture(scope="module")
-def run(shared_dir, repo_dir, tmp_path_factory):
-    from sft_jax import convert
-
+def run(shared_dir, stories260k_cli, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bitfit_cli")
-    assets = shared_dir / "assets" / "stories260K"
-    base = tmp / "stories260K"
-    assert convert.main(["llama2c", f"--checkpoint={assets / 'stories260K.bin'}",
-                         f"--tokenizer={assets / 'tok512.model'}", f"--out={base}"]) == 0
+    base = stories260k_cli  # read-only (conftest)
     assert not json.loads((base / "config.json").read_text()).get("attention_bias")  # a bias-free family
     wd = tmp / "wd"
-    _cli(repo_dir, *_train_args(shared_dir, base, wd))
+    run_module(*_train_args(shared_dir, base, wd))
     return tmp, base, wd
 
 
@@ -72,24 +56,9 @@ def test_eval_loss_falls_and_resume_is_exact(run, shared_dir, repo_dir):
     assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"] - 0.1, summary
     assert json.loads((wd / "run.json").read_text())["peft"] == {"method": "bitfit", "bitfit": {"targets": "all-linear"}}
     wd2 = tmp / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", *_train_args(shared_dir, base, wd2)], cwd=repo_dir, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            ck = wd2 / "checkpoints"
-            if ck.exists() and any(p.name.isdigit() and int(p.name) >= 5 for p in ck.iterdir()):
-                break
-            if proc.poll() is not None:
-                pytest.fail("the run finished before it could be killed")
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_at_checkpoint([sys.executable, "-m", *_train_args(shared_dir, base, wd2)], wd2, 5, cwd=repo_dir)
     assert max(_losses(wd2)) < 20
-    _cli(repo_dir, *_train_args(shared_dir, base, wd2))  # resume=auto
+    run_module(*_train_args(shared_dir, base, wd2))  # resume=auto
     assert _losses(wd2) == _losses(wd)  # bitwise, every step
 
 
